@@ -1,0 +1,92 @@
+"""retrain: freeze the curated dataset -> train candidates -> gate -> register -> publish.
+
+Triggered by a new ``curated-dataset`` version (or by hand with params). One classifier
+candidate per architecture (dynamic task mapping) and one detector, each in its own process;
+each is scored beside the current champion on the same frozen test split; the gate moves
+``champion`` only when the candidate is not worse; publishing builds the Bento from the
+champions and smoke-tests it over HTTP, rolling the aliases back if that fails.
+"""
+
+from __future__ import annotations
+
+from airflow.sdk import Param, dag, task
+from leukoflow_dag_support import CURATED_DATASET, DEFAULT_ARGS, TAGS, config_from
+
+
+@dag(
+    dag_id="retrain",
+    schedule=[CURATED_DATASET],
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=TAGS,
+    params={
+        "config": Param({}, type="object", description="config overrides (nested keys)"),
+        "architectures": Param(None, type=["null", "array"],
+                               description="classifier architectures; null = config's list"),
+        "train_detector": Param(True, type="boolean"),
+    },
+    doc_md=__doc__,
+)
+def retrain():
+    @task
+    def freeze_dataset(params=None) -> dict:
+        from training.pipeline import curated_dataset
+
+        return curated_dataset(config_from(params))
+
+    @task
+    def start_run(dataset: dict, params=None, run_id=None) -> str:
+        from training.pipeline import start_parent_run
+
+        return start_parent_run(config_from(params), run_id, dataset)
+
+    @task
+    def architectures(params=None) -> list[str]:
+        return params.get("architectures") or config_from(params).classifier.architectures
+
+    @task(retries=0)
+    def train_classifier(architecture: str, dataset: dict, parent_run_id: str, params=None,
+                         run_id=None) -> dict:
+        from training.pipeline import train
+
+        return train(config_from(params), "classifier", architecture=architecture,
+                     dataset_version=dataset["version"], parent_run_id=parent_run_id,
+                     tags={"airflow_run_id": run_id}, overrides=params.get("config"))
+
+    @task(retries=0)
+    def train_detector(dataset: dict, parent_run_id: str, params=None, run_id=None) -> list:
+        from training.pipeline import train
+
+        if not params.get("train_detector", True) or not dataset.get("n_fields"):
+            return []
+        return [train(config_from(params), "detector", dataset_version=dataset["version"],
+                      parent_run_id=parent_run_id, tags={"airflow_run_id": run_id},
+                      overrides=params.get("config"))]
+
+    @task
+    def promote(classifiers: list[dict], detectors: list, dataset: dict, params=None,
+                run_id=None) -> list[dict]:
+        from training.pipeline import git_sha, promote_best
+
+        tags = {"airflow_run_id": run_id, "git_sha": git_sha(),
+                "dataset_manifest_sha256": dataset["manifest_sha256"],
+                "batch_ids": ",".join(dataset["batch_ids"])}
+        return promote_best(config_from(params), [*classifiers, *detectors], tags)
+
+    @task
+    def publish(promotions: list[dict], params=None) -> dict:
+        from training.pipeline import publish
+
+        return publish(config_from(params), promotions)
+
+    dataset = freeze_dataset()
+    parent = start_run(dataset)
+    classifiers = train_classifier.partial(dataset=dataset, parent_run_id=parent).expand(
+        architecture=architectures()
+    )
+    detectors = train_detector(dataset, parent)
+    publish(promote(classifiers, detectors, dataset))
+
+
+retrain()

@@ -1,0 +1,93 @@
+"""Gate and alias moves against a real MLflow registry (SQLite backend, local artifacts)."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+
+from training.errors import RegistryError
+from training.records import Candidate
+from training.registry import alias_version, promote, rollback, undo_promotion
+from training.tracking import configure_mlflow
+
+pytestmark = pytest.mark.integration
+
+
+class _Const(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+def _candidate(cfg, score: float, champion: tuple[str, float] | None = None) -> Candidate:
+    exp = configure_mlflow(cfg)
+    with mlflow.start_run(experiment_id=exp) as run:
+        info = mlflow.pyfunc.log_model(name="model", python_model=_Const(), pip_requirements=[])
+    return Candidate(
+        family="classifier", architecture="tiny", run_id=run.info.run_id,
+        model_uri=info.model_uri, metrics={"balanced_accuracy": score}, split_kind="subject",
+        test_set_sha256="abc", dataset_version=1,
+        champion_version=champion[0] if champion else None,
+        champion_metrics={"balanced_accuracy": champion[1]} if champion else None,
+    )
+
+
+def test_first_passes_worse_blocked_better_promoted_and_rollback(cfg):
+    name = cfg.mlflow.classifier_name
+    first = promote(cfg, _candidate(cfg, 0.80), {"airflow_run_id": "r1"})
+    assert first.promoted and first.version == "1" and first.previous_champion is None
+    assert alias_version(cfg, name, "champion") == "1"
+
+    worse = promote(cfg, _candidate(cfg, 0.70, champion=("1", 0.80)))
+    assert not worse.promoted
+    assert any("< champion v1" in r for r in worse.reasons)
+    assert alias_version(cfg, name, "champion") == "1"
+    assert alias_version(cfg, name, "challenger") == "2"
+
+    better = promote(cfg, _candidate(cfg, 0.90, champion=("1", 0.80)))
+    assert better.promoted and better.version == "3" and better.previous_champion == "1"
+    assert alias_version(cfg, name, "previous_champion") == "1"
+
+    tags = mlflow.MlflowClient().get_model_version(name, "3").tags
+    assert tags["gate_passed"] == "true" and tags["metric.balanced_accuracy"] == "0.9"
+
+    assert rollback(cfg, name) == ("1", "3")
+    assert alias_version(cfg, name, "champion") == "1"
+
+
+def test_floor_blocks_even_without_champion(cfg):
+    cfg.gate.classifier_floor = 0.6
+    p = promote(cfg, _candidate(cfg, 0.5))
+    assert not p.promoted and alias_version(cfg, cfg.mlflow.classifier_name, "champion") is None
+
+
+def test_rerun_registers_once_and_undo_restores(cfg):
+    name = cfg.mlflow.classifier_name
+    promote(cfg, _candidate(cfg, 0.8))
+    cand = _candidate(cfg, 0.9, champion=("1", 0.8))
+    p1 = promote(cfg, cand)
+    p2 = promote(cfg, cand)  # Airflow retried the task
+    assert p1.version == p2.version == "2" and p2.promoted
+    undo_promotion(cfg, p1)
+    assert alias_version(cfg, name, "champion") == "1"
+
+
+def test_rollback_without_previous_is_clear(cfg):
+    promote(cfg, _candidate(cfg, 0.8))
+    with pytest.raises(RegistryError, match="needs both aliases"):
+        rollback(cfg, cfg.mlflow.classifier_name)
+
+
+def test_down_tracking_server_is_named(tmp_path):
+    from tests.integration.conftest import free_port
+    from training.config import load_config
+
+    url = f"http://127.0.0.1:{free_port()}"
+    cfg = load_config(home=tmp_path, mlflow={"tracking_uri": url})
+    import os
+
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        with pytest.raises(RegistryError, match=url):
+            configure_mlflow(cfg)
+    finally:
+        os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES")

@@ -1,0 +1,274 @@
+"""``leukoflow``: the command line front of the library (every stage runs without Airflow too).
+
+Global options come before the subcommand: ``leukoflow --config configs/demo.yaml synth``.
+Heavy libraries are imported inside commands, so ``leukoflow --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from training.config import Config, load_config
+from training.errors import LeukoflowError
+
+__all__ = ["main"]
+
+
+def _cfg(ctx: click.Context) -> Config:
+    return ctx.obj["cfg"]
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+class _Group(click.Group):
+    """Turns every LeukoflowError into one clear line and exit code 2, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except LeukoflowError as exc:
+            click.secho(f"error: {exc}", fg="red", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              envvar="LEUKOFLOW_CONFIG", help="YAML config (default: $LEUKOFLOW_CONFIG).")
+@click.option("--home", type=click.Path(file_okay=False), help="Override LEUKOFLOW_HOME.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None, home: str | None, verbose: bool) -> None:
+    """leukoflow: validate WBC image batches, retrain, register and serve models."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = {"home": home} if home else {}
+    ctx.obj = {"cfg": load_config(config_path, **overrides)}
+
+
+@main.group()
+def config() -> None:
+    """Inspect the resolved configuration."""
+
+
+@config.command("show")
+@click.pass_context
+def config_show(ctx: click.Context) -> None:
+    """Print the configuration after file, env and overrides are merged."""
+    import yaml
+
+    click.echo(yaml.safe_dump(_cfg(ctx).dump(), sort_keys=False))
+
+
+@main.command()
+@click.option("--seed", type=int, default=None, help="Default: the next unused seed.")
+@click.option("--subjects", type=int, default=4, show_default=True, help="Subjects per class.")
+@click.option("--images", type=int, default=20, show_default=True, help="Images per subject.")
+@click.option("--fields", type=int, default=24, show_default=True, help="Smear fields.")
+@click.pass_context
+def synth(ctx: click.Context, seed: int | None, subjects: int, images: int, fields: int) -> None:
+    """Generate a synthetic cell batch and a smear-field batch into the landing zone."""
+    from training.landing import land_synthetic_batches
+
+    ids = land_synthetic_batches(_cfg(ctx), seed=seed, n_subjects_per_class=subjects,
+                                 images_per_subject=images, n_fields=fields)
+    for batch_id in ids:
+        click.echo(f"landed {batch_id} in {_cfg(ctx).uri('landing')}/{batch_id}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--batch-id", required=True, help="Name of the batch in the landing zone.")
+@click.pass_context
+def upload(ctx: click.Context, path: Path, batch_id: str) -> None:
+    """Upload a local folder as a batch: every file first, the _READY marker last."""
+    from training.landing import upload_batch
+
+    upload_batch(_cfg(ctx), path, batch_id)
+    click.echo(f"landed {batch_id} in {_cfg(ctx).uri('landing')}/{batch_id}")
+
+
+@main.command()
+@click.pass_context
+def ingest(ctx: click.Context) -> None:
+    """Validate every new complete batch in the landing zone (what ingest_validate does)."""
+    from training.pipeline import discover, validate
+
+    cfg = _cfg(ctx)
+    for batch_id in discover(cfg):
+        result = validate(cfg, batch_id)
+        click.echo(f"{batch_id}: {result['status']} ({result['accepted']} accepted, "
+                   f"{result['quarantined']} quarantined) report: {result['report_dir']}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
+              required=True, help="Folder for summary.json, quarantine.html, Data Docs link.")
+@click.pass_context
+def validate(ctx: click.Context, path: Path, report_dir: Path) -> None:
+    """Run the batch validation suite on a local folder without curating anything."""
+    from training.curation import validate_path
+
+    result = validate_path(_cfg(ctx), path, report_dir)
+    _echo_json(result.to_dict())
+    click.echo(f"report: {result.report_dir}")
+    if result.data_docs:
+        click.echo(f"Data Docs: {result.data_docs}")
+
+
+@main.command()
+@click.argument("family", type=click.Choice(["classifier", "detector"]))
+@click.option("--architecture", default=None, help="Classifier architecture (see models list).")
+@click.option("--dataset-version", type=int, default=None, help="Default: newest.")
+@click.pass_context
+def train(ctx: click.Context, family: str, architecture: str | None,
+          dataset_version: int | None) -> None:
+    """Train and evaluate one candidate in its own process; prints the candidate record."""
+    from training.pipeline import curated_dataset, train
+
+    cfg = _cfg(ctx)
+    version = dataset_version or curated_dataset(cfg)["version"]
+    if family == "classifier":
+        architecture = architecture or cfg.classifier.architectures[0]
+    _echo_json(train(cfg, family, architecture=architecture, dataset_version=version))
+
+
+@main.group()
+def models() -> None:
+    """The classifier architecture registry."""
+
+
+@models.command("list")
+@click.option("--image-size", type=int, default=None, help="Default: each architecture's own.")
+@click.option("--classes", type=int, default=2, show_default=True)
+def models_list(image_size: int | None, classes: int) -> None:
+    """Every architecture with its paper, input size and parameter counts."""
+    from training.models.registry import describe_architectures
+
+    for row in describe_architectures(image_size=image_size, n_classes=classes):
+        click.echo("  ".join(f"{k}={v}" for k, v in row.items()))
+
+
+@main.group()
+def registry() -> None:
+    """The MLflow model registry."""
+
+
+@registry.command("show")
+@click.pass_context
+def registry_show(ctx: click.Context) -> None:
+    """Aliases and gate decisions of both registered models."""
+    from training.registry import ALIASES, alias_version
+
+    cfg = _cfg(ctx)
+    for name in (cfg.mlflow.classifier_name, cfg.mlflow.detector_name):
+        aliases = {a: alias_version(cfg, name, a) for a in ALIASES}
+        click.echo(f"{name}: " + ", ".join(f"{a}=v{v}" for a, v in aliases.items() if v))
+
+
+@main.command()
+@click.argument("model")
+@click.option("--no-publish", is_flag=True, help="Only move the aliases.")
+@click.pass_context
+def rollback(ctx: click.Context, model: str, no_publish: bool) -> None:
+    """champion <- previous_champion for MODEL, then republish."""
+    from training.pipeline import publish
+    from training.registry import rollback as do_rollback
+
+    cfg = _cfg(ctx)
+    champion, demoted = do_rollback(cfg, model)
+    click.echo(f"{model}: champion is now v{champion} (v{demoted} demoted)")
+    if not no_publish:
+        _echo_json(publish(cfg, []))
+
+
+@main.command()
+@click.pass_context
+def publish(ctx: click.Context) -> None:
+    """Build the Bento from the champions, start it on loopback and smoke-test it."""
+    from training.pipeline import publish as do_publish
+
+    _echo_json(do_publish(_cfg(ctx), []))
+
+
+@main.group()
+def keys() -> None:
+    """API keys for the HTTP service (stored hashed)."""
+
+
+@keys.command("create")
+@click.argument("name")
+@click.option("--scope", "scopes", multiple=True, default=["classify", "detect", "explain"],
+              show_default=True)
+@click.pass_context
+def keys_create(ctx: click.Context, name: str, scopes: tuple[str, ...]) -> None:
+    """Create a key; the plaintext is shown once."""
+    from serving.auth import create_key
+
+    token = create_key(_cfg(ctx).api_keys_file, name, list(scopes))
+    click.echo(token)
+
+
+@keys.command("revoke")
+@click.argument("name")
+@click.pass_context
+def keys_revoke(ctx: click.Context, name: str) -> None:
+    """Remove a key by name."""
+    from serving.auth import revoke_key
+
+    revoke_key(_cfg(ctx).api_keys_file, name)
+    click.echo(f"revoked {name}")
+
+
+@main.command()
+@click.pass_context
+def demo(ctx: click.Context) -> None:
+    """The whole chain on synthetic data through Airflow, then real HTTP requests."""
+    from training.demo import run_demo
+
+    run_demo(_cfg(ctx))
+
+
+@main.command()
+@click.pass_context
+def up(ctx: click.Context) -> None:
+    """Start Airflow (standalone), the MLflow UI and the service on loopback."""
+    from training.localstack import start_all
+
+    start_all(_cfg(ctx))
+
+
+@main.command()
+@click.pass_context
+def down(ctx: click.Context) -> None:
+    """Stop what ``leukoflow up`` started."""
+    from training.localstack import stop_all
+
+    stop_all(_cfg(ctx))
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def airflow(ctx: click.Context, args: tuple[str, ...]) -> None:
+    """Run the ``airflow`` CLI with the embedded environment (SQLite under home)."""
+    import os
+
+    from training.localenv import airflow_env
+
+    env = {**os.environ, **airflow_env(_cfg(ctx))}
+    (_cfg(ctx).home / "airflow").mkdir(parents=True, exist_ok=True)
+    binary = str(Path(sys.executable).with_name("airflow"))
+    os.execvpe(binary, [binary, *args], env)
+
+
+if __name__ == "__main__":
+    main()

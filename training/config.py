@@ -1,0 +1,291 @@
+"""The one configuration schema of leukoflow.
+
+Precedence, rightmost wins: schema defaults < YAML file < ``LEUKOFLOW_*`` environment variables
+(nested keys joined by ``__``, e.g. ``LEUKOFLOW_CLASSIFIER__EPOCHS=3``) < explicit overrides
+(CLI flags, Airflow DAG params). The YAML file is ``LEUKOFLOW_CONFIG`` or the ``path`` argument.
+Classifier hyperparameters left ``null`` take the defaults of the chosen architecture, which
+follow the papers (see ``training.models.registry``); the resolved values are logged with
+every run.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from training.errors import ConfigError
+
+__all__ = ["Config", "load_config"]
+
+_YAML_DATA: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "yaml", default=None
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(_Section):
+    """Where batches arrive and where curated/quarantined files go (``file://`` or ``s3://``)."""
+
+    landing_uri: str | None = None  # default file://{home}/landing
+    curated_uri: str | None = None  # default file://{home}/curated
+    quarantine_uri: str | None = None  # default file://{home}/quarantine
+    s3_endpoint_url: str | None = None  # MinIO / any S3-protocol server; None = AWS
+    s3_region: str = "us-east-1"
+    ready_markers: list[str] = ["_READY", "manifest.csv"]  # a batch is complete once one exists
+
+
+class DataConfig(_Section):
+    """The classification task: which labels exist and which one is 'positive'."""
+
+    task: Literal["binary", "multiclass"] = "binary"
+    classes: list[str] = ["all", "hem"]  # C-NMC: all = blast (ALL), hem = normal
+    positive_class: str | None = "all"  # for specificity/ROC in binary tasks
+    detector_classes: list[str] = ["WBC"]
+
+
+class ValidationConfig(_Section):
+    """Bounds of the batch expectation suite (the GX suite reads them from here)."""
+
+    allowed_formats: list[str] = ["PNG", "JPEG", "BMP", "TIFF"]
+    allowed_modes: list[str] = ["RGB", "RGBA", "L"]
+    min_side: int = Field(32, ge=1)
+    max_side: int = Field(4096, ge=1)
+    max_pixels: int = Field(40_000_000, ge=1)  # above this an image is a decompression bomb
+    max_bytes: int = Field(50_000_000, ge=1)
+    min_blur: float = Field(0.0, ge=0)  # variance of the Laplacian; lower = blurrier
+    exposure_range: tuple[float, float] = (5.0, 250.0)  # mean grey level bounds
+    mostly: float = Field(0.95, gt=0, le=1)  # share of images that must meet soft bounds
+    max_failure_rate: float = Field(0.5, ge=0, le=1)  # above this the batch is rejected whole
+    min_batch_size: int = Field(1, ge=1)
+    class_share_range: tuple[float, float] = (0.0, 1.0)  # each cell class's share of a batch
+    workers: int | None = None  # metadata extraction processes; None = all cores
+
+
+class SplitConfig(_Section):
+    """Subject-aware, deterministic, stable train/val/test assignment."""
+
+    val_fraction: float = Field(0.15, ge=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    salt: str = "leukoflow-split-v1"  # changing it re-deals only never-assigned subjects
+
+
+class AugmentationConfig(_Section):
+    """Batool & Byun's augmentation (Keras ImageDataGenerator-equivalent ranges)."""
+
+    enabled: bool = True
+    rotation: float = 20.0  # degrees
+    zoom: float = 0.2
+    width_shift: float = 0.2
+    height_shift: float = 0.2
+    horizontal_flip: bool = True
+    vertical_flip: bool = True
+
+
+class ClassifierConfig(_Section):
+    """Which architectures to train; ``null`` hyperparameters take the architecture's defaults."""
+
+    architectures: list[str] = ["lightweight_efficientnet_b3"]
+    weights: str | None = None  # "imagenet" (online only), a local .h5/.keras path, or None
+    image_size: int | None = Field(None, ge=16)
+    source_size: int | None = Field(None, ge=16)  # crop_and_resize from this size
+    epochs: int | None = Field(None, ge=1)
+    batch_size: int | None = Field(None, ge=1)
+    learning_rate: float | None = Field(None, gt=0)
+    learning_rate_after: float | None = Field(None, gt=0)
+    lr_drop_epoch: int | None = Field(None, ge=0)
+    optimizer: str | None = None
+    loss: str | None = None  # categorical_crossentropy | mse
+    dropout: float | None = Field(None, ge=0, lt=1)
+    class_weights: bool = True
+    segmentation: Literal["none", "otsu"] = "none"
+    augmentation: AugmentationConfig = AugmentationConfig()
+    seed: int = 42
+
+
+class DetectorConfig(_Section):
+    """Ultralytics YOLO detector; the model yaml builds it offline, weights load if given."""
+
+    model: str = "yolov8n.yaml"  # yolov8n.yaml | yolov5nu.yaml | a local .pt path
+    weights: str | None = None  # a local .pt to start from; None offline
+    imgsz: int = Field(640, ge=32)
+    epochs: int = Field(100, ge=1)
+    batch: int = Field(16, ge=1)
+    workers: int = Field(0, ge=0)
+    seed: int = 42
+
+
+class GateConfig(_Section):
+    """Promotion gate: absolute floors, then no regression against the champion."""
+
+    classifier_metric: str = "balanced_accuracy"
+    classifier_floor: float = Field(0.0, ge=0, le=1)
+    detector_metric: str = "map50"
+    detector_floor: float = Field(0.0, ge=0, le=1)
+    max_regression: float = Field(0.0, ge=0, le=1)  # allowed drop vs champion
+
+
+class MlflowConfig(_Section):
+    tracking_uri: str | None = None  # default sqlite:///{home}/mlflow.db
+    artifact_root: str | None = None  # default {home}/mlartifacts
+    experiment: str = "leukoflow"
+    classifier_name: str = "leukemia-classifier"
+    detector_name: str = "wbc-detector"
+
+
+class ServingConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(3000, ge=1, le=65535)
+    api_keys_file: str | None = None  # default {home}/api_keys.json (hashes only)
+    max_image_bytes: int = Field(20_000_000, ge=1)
+    startup_timeout_s: int = Field(300, ge=1)
+
+
+class Config(BaseSettings):
+    """Everything leukoflow can be told; see ``configs/leukoflow.yaml`` for the documented file."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LEUKOFLOW_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    home: Path = Path(".leukoflow")  # all local state: DBs, stores, reports, Bentos
+    storage: StorageConfig = StorageConfig()
+    data: DataConfig = DataConfig()
+    validation: ValidationConfig = ValidationConfig()
+    split: SplitConfig = SplitConfig()
+    classifier: ClassifierConfig = ClassifierConfig()
+    detector: DetectorConfig = DetectorConfig()
+    gate: GateConfig = GateConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    serving: ServingConfig = ServingConfig()
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, v: Path) -> Path:
+        return v.expanduser().resolve()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+    # Derived locations: one place for each path.
+    def uri(self, area: Literal["landing", "curated", "quarantine"]) -> str:
+        """The storage URI of an area, defaulting to a folder under ``home``."""
+        explicit = getattr(self.storage, f"{area}_uri")
+        return explicit or (self.home / area).as_uri()
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.home / "reports"
+
+    @property
+    def gx_dir(self) -> Path:
+        return self.home / "gx"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.home / "runs"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.home / "state"
+
+    @property
+    def bentoml_home(self) -> Path:
+        return self.home / "bentoml"
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow.tracking_uri or f"sqlite:///{self.home / 'mlflow.db'}"
+
+    @property
+    def artifact_root(self) -> str:
+        return self.mlflow.artifact_root or (self.home / "mlartifacts").as_uri()
+
+    @property
+    def api_keys_file(self) -> Path:
+        return Path(self.serving.api_keys_file or self.home / "api_keys.json")
+
+    def dump(self) -> dict[str, Any]:
+        """The resolved config as plain data (logged with every run)."""
+        return self.model_dump(mode="json")
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_YAML_DATA.get() or {})
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top, got {type(data)}")
+    return data
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    model: Any = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type):
+            return []
+        model = field.annotation
+        if not issubclass(model, BaseModel):
+            return []
+    return list(model.model_fields)
+
+
+def _explain(exc: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            near = difflib.get_close_matches(str(err["loc"][-1]), _fields_at(err["loc"]), n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            lines.append(f"unknown key '{key}'{hint}")
+        else:
+            lines.append(f"'{key}' = {err.get('input')!r}: {err['msg']}")
+    return ConfigError(f"invalid configuration ({source}):\n  " + "\n  ".join(lines))
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
+    """Resolve the configuration once: defaults < YAML < env < ``overrides``.
+
+    ``overrides`` take nested dicts (``classifier={"epochs": 2}``) as DAG params do.
+    """
+    path = path or os.environ.get("LEUKOFLOW_CONFIG")
+    data = _read_yaml(Path(path)) if path else {}
+    token = _YAML_DATA.set(data)
+    try:
+        return Config(**overrides)
+    except ValidationError as exc:
+        raise _explain(exc, f"file={path}, env LEUKOFLOW_*, overrides") from None
+    finally:
+        _YAML_DATA.reset(token)

@@ -1,0 +1,165 @@
+"""The curated dataset: a content-addressed store plus versioned manifests with frozen splits.
+
+Curated store layout (any :class:`~training.storage.Storage`):
+
+    images/<sha[:2]>/<sha256>.<ext>   every accepted image, once, named by its content
+    labels/<sha256>.txt               YOLO boxes of a smear field (class cx cy w h, normalised)
+    manifests/v0001.csv ...           one row per image (columns: MANIFEST_COLUMNS)
+    manifests/LATEST                  the newest version number
+
+A manifest version is immutable. The split of an image, once assigned, never changes: new
+versions copy old rows and only deal splits to new subjects (see :func:`assign_splits`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import pandas as pd
+
+from training.config import Config
+from training.errors import DataValidationError
+from training.records import CuratedDataset
+from training.storage import Storage, open_storage
+
+__all__ = [
+    "MANIFEST_COLUMNS", "assign_splits", "curated_storage", "latest_version", "load_manifest",
+    "materialize", "split_group", "test_set_sha256", "write_manifest",
+]
+
+MANIFEST_COLUMNS = [
+    "sha256", "key", "kind", "label", "subject_id", "batch_id", "source", "width", "height",
+    "split", "split_group", "label_key",
+]
+SPLITS = ("train", "val", "test")
+
+
+def curated_storage(cfg: Config) -> Storage:
+    return open_storage(cfg.uri("curated"), cfg.storage.s3_endpoint_url, cfg.storage.s3_region)
+
+
+def latest_version(store: Storage) -> int:
+    """Newest manifest version, 0 when nothing was curated yet."""
+    if not store.exists("manifests/LATEST"):
+        return 0
+    return int(store.read_text("manifests/LATEST").strip())
+
+
+def _manifest_key(version: int) -> str:
+    return f"manifests/v{version:04d}.csv"
+
+
+def load_manifest(cfg: Config, version: int | None = None) -> tuple[pd.DataFrame, CuratedDataset]:
+    """Read a manifest version (default: the newest) and describe it."""
+    store = curated_storage(cfg)
+    version = version or latest_version(store)
+    if version == 0:
+        raise DataValidationError(
+            f"the curated store {store.uri} holds no dataset yet: validate a batch first"
+        )
+    raw = store.read_bytes(_manifest_key(version))
+    df = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False)
+    for col in ("width", "height"):
+        df[col] = pd.to_numeric(df[col], errors="coerce").fillna(0).astype(int)
+    ds = CuratedDataset(
+        version=version,
+        manifest_uri=f"{store.uri}/{_manifest_key(version)}",
+        manifest_sha256=hashlib.sha256(raw).hexdigest(),
+        n_cells=int((df["kind"] == "cell").sum()),
+        n_fields=int((df["kind"] == "field").sum()),
+        batch_ids=sorted(set(df["batch_id"])),
+    )
+    return df, ds
+
+
+def write_manifest(cfg: Config, df: pd.DataFrame) -> CuratedDataset:
+    """Write ``df`` as the next manifest version (rows sorted, so equal content = equal bytes)."""
+    store = curated_storage(cfg)
+    missing = set(MANIFEST_COLUMNS) - set(df.columns)
+    if missing:
+        raise DataValidationError(f"manifest lacks columns {sorted(missing)}")
+    df = df[MANIFEST_COLUMNS].sort_values(["kind", "sha256"]).reset_index(drop=True)
+    version = latest_version(store) + 1
+    store.write_bytes(_manifest_key(version), df.to_csv(index=False).encode())
+    store.write_text("manifests/LATEST", str(version))
+    return load_manifest(cfg, version)[1]
+
+
+def split_group(row: pd.Series) -> str:
+    """Images of one subject travel together; without a subject, each image is its own group."""
+    subject = str(row.get("subject_id") or "")
+    return f"subject:{subject}" if subject else f"image:{row['sha256']}"
+
+
+def _hash01(text: str, salt: str) -> float:
+    digest = hashlib.sha256(f"{salt}:{text}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def assign_splits(df: pd.DataFrame, cfg: Config) -> pd.DataFrame:
+    """Deal ``train/val/test`` to rows whose ``split`` is empty; keep every existing assignment.
+
+    Groups (subjects, or single images) are taken in the order of a salted hash of their id;
+    each goes, within its kind and label stratum, to the split furthest below its target share
+    of images. Deterministic, stratified, and a group already seen keeps its split, so the test
+    set of earlier versions is never reshuffled and no subject sits on both sides.
+    """
+    df = df.reset_index(drop=True)
+    df["split_group"] = [g or split_group(r) for g, (_, r) in zip(
+        df.get("split_group", pd.Series([""] * len(df), index=df.index)), df.iterrows(),
+        strict=True)]
+    df["split"] = df["split"].fillna("") if "split" in df else ""
+    targets = {"test": cfg.split.test_fraction, "val": cfg.split.val_fraction}
+    targets["train"] = 1.0 - sum(targets.values())
+
+    known = df[df["split"] != ""].groupby("split_group")["split"].first().to_dict()
+    df.loc[df["split"] == "", "split"] = df["split_group"].map(known).fillna("")
+
+    # A group's stratum is its most common (kind, label).
+    df["_stratum"] = df["kind"] + "/" + df["label"].fillna("")
+    stratum_of = df.groupby("split_group")["_stratum"].agg(lambda s: s.value_counts().index[0])
+    size_of = df.groupby("split_group").size()
+    for stratum, groups in stratum_of.groupby(stratum_of):
+        members = df["_stratum"] == stratum
+        counts = {s: int((df.loc[members, "split"] == s).sum()) for s in SPLITS}
+        new = [g for g in groups.index if g not in known]
+        for group in sorted(new, key=lambda g: _hash01(g, cfg.split.salt)):
+            total = sum(counts.values()) + int(size_of[group])
+            deficit = {s: targets[s] * total - counts[s] for s in SPLITS}
+            chosen = max(SPLITS, key=lambda s: (deficit[s], -SPLITS.index(s)))
+            df.loc[df["split_group"] == group, "split"] = chosen
+            counts[chosen] += int(size_of[group])
+            known[group] = chosen
+    return df.drop(columns="_stratum")
+
+
+def test_set_sha256(df: pd.DataFrame) -> str:
+    """A fingerprint of a test set, so two evaluations can prove they used the same images."""
+    shas = sorted(df.loc[df["split"] == "test", "sha256"])
+    return hashlib.sha256("\n".join(shas).encode()).hexdigest()
+
+
+def materialize(cfg: Config, df: pd.DataFrame, cache_dir: Path) -> pd.DataFrame:
+    """Add ``path`` (and ``label_path``) columns pointing at local files, downloading if needed.
+
+    A local curated store is used in place; an S3 store is copied once into ``cache_dir``
+    (content-addressed, so a file already there is never fetched again).
+    """
+    store = curated_storage(cfg)
+    df = df.copy()
+
+    def local(key: str) -> str:
+        if not key:
+            return ""
+        path = store.local_path(key)
+        if path is None:
+            path = cache_dir / key
+            if not path.exists():
+                store.download(key, path)
+        return str(path)
+
+    df["path"] = [local(k) for k in df["key"]]
+    df["label_path"] = [local(k) for k in df["label_key"]]
+    return df

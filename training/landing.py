@@ -1,0 +1,71 @@
+"""Putting batches into the landing zone the way an uploader must: files first, marker last.
+
+The platform reads a batch only once its ``_READY`` marker exists, so uploading the marker
+after every file is what makes a half-finished upload invisible.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+
+from training.config import Config
+from training.errors import DataValidationError
+from training.storage import Storage, open_storage
+
+__all__ = ["land_synthetic_batches", "landing_storage", "upload_batch"]
+
+_BATCH_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+READY = "_READY"
+
+
+def landing_storage(cfg: Config) -> Storage:
+    return open_storage(cfg.uri("landing"), cfg.storage.s3_endpoint_url, cfg.storage.s3_region)
+
+
+def upload_batch(cfg: Config, local_dir: Path, batch_id: str) -> str:
+    """Copy a local folder to ``landing/<batch_id>/``, then write the completion marker."""
+    if not _BATCH_ID.match(batch_id):
+        raise DataValidationError(
+            f"batch id {batch_id!r} must be 1-128 letters, digits, '.', '_' or '-'"
+        )
+    store = landing_storage(cfg)
+    if store.exists(f"{batch_id}/{READY}"):
+        raise DataValidationError(f"batch {batch_id} is already complete in {store.uri}; "
+                                  "batches are immutable, upload under a new id")
+    files = sorted(p for p in Path(local_dir).rglob("*") if p.is_file() and p.name != READY)
+    if not files:
+        raise DataValidationError(f"{local_dir} holds no files to upload")
+    for path in files:
+        store.copy_in(path, f"{batch_id}/{path.relative_to(local_dir).as_posix()}")
+    store.write_bytes(f"{batch_id}/{READY}", b"")
+    return batch_id
+
+
+def land_synthetic_batches(
+    cfg: Config, *, seed: int | None = None, n_subjects_per_class: int = 4,
+    images_per_subject: int = 20, n_fields: int = 24,
+) -> list[str]:
+    """Generate a cell batch and a smear-field batch and upload both (next free seed by default)."""
+    from training.synth import make_cell_batch, make_smear_batch
+
+    store = landing_storage(cfg)
+    if seed is None:
+        taken = {d for d in store.list_dirs() if d.startswith("synth-")}
+        seed = next(s for s in range(10_000) if f"synth-cells-{seed_name(s)}" not in taken)
+    ids = []
+    with tempfile.TemporaryDirectory(prefix="leukoflow-synth-") as tmp:
+        cells = Path(tmp) / "cells"
+        make_cell_batch(cells, n_subjects_per_class=n_subjects_per_class,
+                        images_per_subject=images_per_subject, seed=seed)
+        ids.append(upload_batch(cfg, cells, f"synth-cells-{seed_name(seed)}"))
+        if n_fields:
+            fields = Path(tmp) / "fields"
+            make_smear_batch(fields, n_images=n_fields, seed=seed)
+            ids.append(upload_batch(cfg, fields, f"synth-fields-{seed_name(seed)}"))
+    return ids
+
+
+def seed_name(seed: int) -> str:
+    return f"{seed:04d}"

@@ -1,0 +1,53 @@
+"""Environment for the embedded default: Airflow, BentoML and Ultralytics state under home.
+
+One place computes these variables; the demo, ``make up``, the e2e tests and the training
+subprocesses all use it, so every component finds the same SQLite files and folders.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from training.config import Config
+
+__all__ = ["REPO", "airflow_env", "service_env"]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def service_env(cfg: Config) -> dict[str, str]:
+    """Variables every leukoflow process needs (no Airflow ones)."""
+    env = {
+        "LEUKOFLOW_HOME": str(cfg.home),
+        "BENTOML_HOME": str(cfg.bentoml_home),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "GX_ANALYTICS_ENABLED": "false",
+        "MLFLOW_TRACKING_URI": cfg.tracking_uri,
+        "YOLO_OFFLINE": "1",
+        "YOLO_CONFIG_DIR": str(cfg.home / "ultralytics"),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH"))
+                                      if p),
+    }
+    if os.environ.get("LEUKOFLOW_CONFIG"):
+        env["LEUKOFLOW_CONFIG"] = str(Path(os.environ["LEUKOFLOW_CONFIG"]).resolve())
+    return env
+
+
+def airflow_env(cfg: Config) -> dict[str, str]:
+    """Airflow on SQLite under ``home/airflow``, reading this checkout's dags/ and plugins/."""
+    airflow_home = cfg.home / "airflow"
+    return {
+        **service_env(cfg),
+        "AIRFLOW_HOME": str(airflow_home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{airflow_home / 'airflow.db'}",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "AIRFLOW__API__PORT": os.environ.get("LEUKOFLOW_AIRFLOW_PORT", "8080"),
+        "NO_PROXY": "*",
+    }

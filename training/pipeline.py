@@ -1,0 +1,168 @@
+"""The stages of the platform as plain functions: each DAG task is one call to one of these.
+
+Every function takes the resolved :class:`Config` and JSON-able ids/records, and returns a
+record dict, so Airflow only wires and the same chain runs from the CLI without Airflow.
+Training runs in a child process per model family (TensorFlow and torch segfault together).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from training.config import Config
+from training.errors import PublishError, TrainingError
+from training.records import Candidate, Promotion
+
+__all__ = [
+    "config_env", "curated_dataset", "discover", "git_sha", "promote_best", "publish",
+    "start_parent_run", "train", "validate",
+]
+
+log = logging.getLogger("leukoflow.pipeline")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}__{k.upper()}", v, out)
+    elif value is not None:
+        out[prefix] = value if isinstance(value, str) else json.dumps(value)
+
+
+def config_env(overrides: dict[str, Any] | None) -> dict[str, str]:
+    """``LEUKOFLOW_*`` variables that carry nested overrides into a child process."""
+    out: dict[str, str] = {}
+    for key, value in (overrides or {}).items():
+        _flatten(f"LEUKOFLOW_{key.upper()}", value, out)
+    return out
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def discover(cfg: Config) -> list[str]:
+    """Batch ids that are complete (marker present) and not processed yet."""
+    from training.batches import discover_batches
+
+    batches = discover_batches(cfg)
+    log.info("found %d new complete batch(es): %s", len(batches), [b.batch_id for b in batches])
+    return [b.batch_id for b in batches]
+
+
+def validate(cfg: Config, batch_id: str) -> dict[str, Any]:
+    """Validate one batch, quarantine what fails, curate what passes (idempotent)."""
+    from training.curation import validate_batch
+
+    result = validate_batch(cfg, batch_id)
+    log.info("batch %s: %s, %d accepted, %d quarantined %s; report %s", batch_id, result.status,
+             result.accepted, result.quarantined, result.reasons, result.report_dir)
+    return result.to_dict()
+
+
+def curated_dataset(cfg: Config) -> dict[str, Any]:
+    """The newest curated dataset version (what retraining will freeze and use)."""
+    from training.dataset import load_manifest
+
+    _, ds = load_manifest(cfg)
+    return ds.to_dict()
+
+
+def start_parent_run(cfg: Config, airflow_run_id: str, dataset: dict[str, Any]) -> str:
+    """One MLflow parent run per DAG run (found again on a rerun), children nest under it."""
+    import mlflow
+
+    from training.tracking import configure_mlflow
+
+    exp_id = configure_mlflow(cfg)
+    found = mlflow.search_runs([exp_id], f"tags.airflow_run_id = '{airflow_run_id}' "
+                               "and tags.leukoflow_role = 'pipeline'", output_format="list")
+    if found:
+        return found[0].info.run_id
+    with mlflow.start_run(experiment_id=exp_id, run_name=f"retrain {airflow_run_id}") as run:
+        mlflow.set_tags({"airflow_run_id": airflow_run_id, "leukoflow_role": "pipeline",
+                         "git_sha": git_sha(), "dataset_version": str(dataset["version"]),
+                         "dataset_manifest_sha256": dataset["manifest_sha256"],
+                         "batch_ids": ",".join(dataset["batch_ids"])})
+        mlflow.log_dict(cfg.dump(), "config.json")
+        return run.info.run_id
+
+
+def train(
+    cfg: Config, family: str, *, architecture: str | None = None, dataset_version: int,
+    parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train + evaluate one candidate in its own process; its output streams into our log."""
+    module = {"classifier": "training.classifier", "detector": "training.detector"}[family]
+    with tempfile.TemporaryDirectory(prefix="leukoflow-") as tmp:
+        out = Path(tmp) / "candidate.json"
+        cmd = [sys.executable, "-m", module, "--dataset-version", str(dataset_version),
+               "--out", str(out), "--tags-json", json.dumps(tags or {})]
+        if architecture:
+            cmd += ["--architecture", architecture]
+        if parent_run_id:
+            cmd += ["--parent-run-id", parent_run_id]
+        env = {**os.environ, "LEUKOFLOW_HOME": str(cfg.home), **config_env(overrides)}
+        log.info("starting %s", " ".join(cmd))
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1)
+        tail: list[str] = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.info("[%s] %s", family, line.rstrip())
+            tail = (tail + [line.rstrip()])[-20:]
+        if proc.wait() != 0 or not out.exists():
+            raise TrainingError(f"{family} training ({architecture or 'default'}) exited with "
+                                f"{proc.returncode}; last lines:\n" + "\n".join(tail))
+        candidate = Candidate.from_dict(json.loads(out.read_text()))
+    log.info("%s %s: %s", family, candidate.architecture,
+             {k: round(v, 4) for k, v in candidate.metrics.items() if "__" not in k})
+    return candidate.to_dict()
+
+
+def promote_best(cfg: Config, candidates: list[dict[str, Any]],
+                 tags: dict[str, str]) -> list[dict[str, Any]]:
+    """Per family, register the best candidate and let the gate decide on ``champion``."""
+    from training.registry import promote
+
+    by_family: dict[str, list[Candidate]] = {}
+    for c in map(Candidate.from_dict, candidates):
+        by_family.setdefault(c.family, []).append(c)
+    promotions = []
+    for family, cands in sorted(by_family.items()):
+        metric = cfg.gate.classifier_metric if family == "classifier" else cfg.gate.detector_metric
+        best = max(cands, key=lambda c: c.metrics.get(metric, float("-inf")))
+        p = promote(cfg, best, tags)
+        log.info("%s v%s (%s): %s - %s", p.model_name, p.version, best.architecture,
+                 "PROMOTED to champion" if p.promoted else "not promoted", "; ".join(p.reasons))
+        promotions.append(p.to_dict())
+    return promotions
+
+
+def publish(cfg: Config, promotions: list[dict[str, Any]]) -> dict[str, Any]:
+    """Build and smoke-test the Bento of the champions; on failure put the aliases back."""
+    from training import publish as publisher
+    from training.registry import undo_promotion
+
+    try:
+        return publisher.publish(cfg).to_dict()
+    except Exception as exc:
+        for p in map(Promotion.from_dict, promotions):
+            log.error("publish failed: rolling %s back from v%s", p.model_name, p.version)
+            undo_promotion(cfg, p)
+        if isinstance(exc, PublishError):
+            raise
+        raise PublishError(f"publishing failed: {exc}") from exc

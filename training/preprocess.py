@@ -1,0 +1,85 @@
+"""The one preprocessing function, shared by training and serving.
+
+Pixels stay in 0-255 float32: each model carries its own normalisation layer (min-max
+``Rescaling(1/255)`` for most backbones; Keras EfficientNet rescales internally), so serving
+cannot normalise twice or forget to. Only numpy and Pillow here: serving imports this module
+without TensorFlow.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+__all__ = ["PreprocessParams", "decode_image", "otsu_crop", "preprocess_image"]
+
+
+@dataclass(frozen=True)
+class PreprocessParams:
+    """What a model's input needs; stored with every logged model so serving reproduces it."""
+
+    image_size: int
+    source_size: int | None = None  # centre-crop this square first (C-NMC: 450)
+    segmentation: str = "none"  # "none" | "otsu"
+
+    def to_dict(self) -> dict:
+        return {"image_size": self.image_size, "source_size": self.source_size,
+                "segmentation": self.segmentation}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PreprocessParams:
+        return cls(int(d["image_size"]), d.get("source_size"), d.get("segmentation", "none"))
+
+
+def decode_image(data: bytes, max_pixels: int = 40_000_000) -> Image.Image:
+    """Decode bytes to an RGB image, refusing decompression bombs; raises ValueError on bad data."""
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.width * img.height > max_pixels:
+            raise ValueError(
+                f"image is {img.width}x{img.height} = {img.width * img.height} pixels, "
+                f"more than the limit of {max_pixels}"
+            )
+        img.load()
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"image refused as a decompression bomb: {exc}") from exc
+    except (OSError, SyntaxError) as exc:
+        raise ValueError(f"not a decodable image: {exc}") from exc
+    return ImageOps.exif_transpose(img).convert("RGB")
+
+
+def otsu_crop(img: Image.Image) -> Image.Image:
+    """Otsu-threshold the grey image and crop to the foreground's box (black-border crop)."""
+    grey = np.asarray(img.convert("L"), dtype=np.uint8)
+    hist = np.bincount(grey.ravel(), minlength=256).astype(np.float64)
+    total = grey.size
+    cum = np.cumsum(hist)
+    cum_mean = np.cumsum(hist * np.arange(256))
+    w0 = cum / total
+    w1 = 1.0 - w0
+    mu0 = np.divide(cum_mean, cum, out=np.zeros(256), where=cum > 0)
+    mu1 = np.divide(cum_mean[-1] - cum_mean, total - cum, out=np.zeros(256), where=cum < total)
+    threshold = int(np.argmax(w0 * w1 * (mu0 - mu1) ** 2))
+    ys, xs = np.nonzero(grey > threshold)
+    if len(xs) == 0:
+        return img
+    masked = np.asarray(img).copy()
+    masked[grey <= threshold] = 0
+    return Image.fromarray(masked).crop((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))
+
+
+def preprocess_image(img: Image.Image, params: PreprocessParams) -> np.ndarray:
+    """RGB PIL image -> ``(size, size, 3)`` float32 array in 0-255, ready for the model."""
+    img = img.convert("RGB")
+    if params.segmentation == "otsu":
+        img = otsu_crop(img)
+    w, h = img.size
+    side = min(w, h, params.source_size or max(w, h))
+    left, top = (w - side) // 2, (h - side) // 2
+    img = img.crop((left, top, left + side, top + side))
+    img = img.resize((params.image_size, params.image_size), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.float32)

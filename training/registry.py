@@ -1,0 +1,167 @@
+"""The MLflow model registry: register candidates, gate them, move aliases, roll back.
+
+Aliases: ``challenger`` = newest registered candidate; ``champion`` = what serving loads;
+``previous_champion`` = the champion before it (rollback target). Alias moves are serialized by
+a lock file under ``$LEUKOFLOW_HOME`` so two runs never interleave them on one host; a
+multi-host deployment runs the promote task in a one-slot Airflow pool (see docs).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from training.config import Config
+from training.errors import RegistryError
+from training.records import Candidate, Promotion
+from training.tracking import configure_mlflow
+
+__all__ = [
+    "ALIASES", "alias_version", "gate", "model_name", "promote", "register", "rollback",
+    "undo_promotion",
+]
+
+ALIASES = ("champion", "challenger", "previous_champion")
+
+
+def model_name(cfg: Config, family: str) -> str:
+    return cfg.mlflow.classifier_name if family == "classifier" else cfg.mlflow.detector_name
+
+
+def _client(cfg: Config) -> Any:
+    from mlflow import MlflowClient
+
+    configure_mlflow(cfg)
+    return MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.tracking_uri)
+
+
+@contextmanager
+def _alias_lock(cfg: Config) -> Iterator[None]:
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    with open(cfg.state_dir / "registry.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def alias_version(cfg: Config, name: str, alias: str) -> str | None:
+    """The version an alias points at, or None when the model or alias does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(_client(cfg).get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def gate(cfg: Config, candidate: Candidate) -> tuple[bool, list[str]]:
+    """Floors first, then non-regression against the champion scored on the same test set."""
+    family = candidate.family
+    metric = cfg.gate.classifier_metric if family == "classifier" else cfg.gate.detector_metric
+    floor = cfg.gate.classifier_floor if family == "classifier" else cfg.gate.detector_floor
+    if metric not in candidate.metrics:
+        return False, [f"candidate has no metric '{metric}' (has {sorted(candidate.metrics)})"]
+    value = candidate.metrics[metric]
+    reasons = []
+    ok = value >= floor
+    reasons.append(f"{metric}={value:.4f} {'>=' if ok else '<'} floor {floor:.4f}")
+    champ = candidate.champion_metrics
+    if candidate.champion_version is None or champ is None:
+        reasons.append("no champion yet: the first version that passes the floor becomes champion")
+        return ok, reasons
+    if metric not in champ:
+        return False, reasons + [f"champion v{candidate.champion_version} has no '{metric}'"]
+    allowed = champ[metric] - cfg.gate.max_regression
+    better = value >= allowed
+    reasons.append(
+        f"{metric}={value:.4f} {'>=' if better else '<'} champion v{candidate.champion_version} "
+        f"{champ[metric]:.4f} - allowed regression {cfg.gate.max_regression:.4f} "
+        f"(same test set {candidate.test_set_sha256[:12]}, split {candidate.split_kind})"
+    )
+    return ok and better, reasons
+
+
+def register(cfg: Config, candidate: Candidate, tags: dict[str, str] | None = None) -> str:
+    """Register the candidate's model as a new version (or find the one made by a rerun)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    name = model_name(cfg, candidate.family)
+    client = _client(cfg)
+    try:
+        existing = client.search_model_versions(f"name='{name}' and run_id='{candidate.run_id}'")
+        if existing:
+            return str(existing[0].version)
+        version = str(mlflow.register_model(candidate.model_uri, name).version)
+        all_tags = {
+            "architecture": candidate.architecture,
+            "dataset_version": str(candidate.dataset_version),
+            "split_kind": candidate.split_kind,
+            "test_set_sha256": candidate.test_set_sha256,
+            **{f"metric.{k}": f"{v:.6g}" for k, v in candidate.metrics.items()},
+            **(tags or {}),
+        }
+        for key, value in all_tags.items():
+            client.set_model_version_tag(name, version, key, str(value))
+        return version
+    except MlflowException as exc:
+        raise RegistryError(f"cannot register {candidate.model_uri} as {name}: {exc}") from exc
+
+
+def promote(cfg: Config, candidate: Candidate, tags: dict[str, str] | None = None) -> Promotion:
+    """Register, mark ``challenger``, gate, and if it passes move ``champion``."""
+    name = model_name(cfg, candidate.family)
+    version = register(cfg, candidate, tags)
+    client = _client(cfg)
+    with _alias_lock(cfg):
+        champion = alias_version(cfg, name, "champion")
+        if champion == version:  # a rerun of a run that already promoted this version
+            return Promotion(name, version, True, ["already champion"], version,
+                             alias_version(cfg, name, "previous_champion"))
+        passed, reasons = gate(cfg, candidate)
+        client.set_registered_model_alias(name, "challenger", version)
+        client.set_model_version_tag(name, version, "gate_passed", str(passed).lower())
+        client.set_model_version_tag(name, version, "gate_reasons", json.dumps(reasons))
+        if not passed:
+            return Promotion(name, version, False, reasons, champion or "", None)
+        if champion:
+            client.set_registered_model_alias(name, "previous_champion", champion)
+        client.set_registered_model_alias(name, "champion", version)
+        return Promotion(name, version, True, reasons, version, champion)
+
+
+def undo_promotion(cfg: Config, promotion: Promotion) -> None:
+    """Put ``champion`` back where it was before ``promotion`` (publish failed)."""
+    if not promotion.promoted:
+        return
+    client = _client(cfg)
+    with _alias_lock(cfg):
+        client.set_model_version_tag(promotion.model_name, promotion.version, "rolled_back",
+                                     "publish failed")
+        if promotion.previous_champion:
+            client.set_registered_model_alias(promotion.model_name, "champion",
+                                              promotion.previous_champion)
+        else:
+            client.delete_registered_model_alias(promotion.model_name, "champion")
+
+
+def rollback(cfg: Config, name: str) -> tuple[str, str]:
+    """Swap ``champion`` and ``previous_champion``; returns (new champion, demoted version)."""
+    client = _client(cfg)
+    with _alias_lock(cfg):
+        champion = alias_version(cfg, name, "champion")
+        previous = alias_version(cfg, name, "previous_champion")
+        if not champion or not previous:
+            raise RegistryError(
+                f"cannot roll back {name}: champion={champion}, previous_champion={previous}; "
+                "a rollback needs both aliases"
+            )
+        client.set_registered_model_alias(name, "champion", previous)
+        client.set_registered_model_alias(name, "previous_champion", champion)
+        client.set_model_version_tag(name, champion, "rolled_back", "manual rollback")
+        return previous, champion
