@@ -120,6 +120,7 @@ class DetectorConfig(_Section):
     imgsz: int = Field(640, ge=32)
     epochs: int = Field(100, ge=1)
     batch: int = Field(16, ge=1)
+    warmup_epochs: float = Field(3.0, ge=0)  # Ultralytics default; short runs need fewer
     workers: int = Field(0, ge=0)
     seed: int = 42
 
