@@ -63,7 +63,7 @@ class ValidationConfig(_Section):
     max_pixels: int = Field(40_000_000, ge=1)  # above this an image is a decompression bomb
     max_bytes: int = Field(50_000_000, ge=1)
     min_blur: float = Field(0.0, ge=0)  # variance of the Laplacian; lower = blurrier
-    exposure_range: tuple[float, float] = (5.0, 250.0)  # mean grey level bounds
+    exposure_range: tuple[float, float] = (1.0, 250.0)  # mean grey level bounds
     mostly: float = Field(0.95, gt=0, le=1)  # share of images that must meet soft bounds
     max_failure_rate: float = Field(0.5, ge=0, le=1)  # above this the batch is rejected whole
     min_batch_size: int = Field(1, ge=1)

@@ -136,8 +136,8 @@ def _where(cfg: Config) -> None:
     Bentos         {cfg.bentoml_home}
     Logs           {cfg.home / 'logs'}
     MLflow UI      .venv/bin/mlflow ui --backend-store-uri {cfg.tracking_uri} --port 5000
-    Airflow UI     AIRFLOW_HOME={env['AIRFLOW_HOME']} .venv/bin/leukoflow airflow standalone
-    Everything     make up   (Airflow :8080, MLflow :5000, service :{cfg.serving.port}); make down""")
+    Airflow UI     .venv/bin/leukoflow airflow standalone   (AIRFLOW_HOME={env['AIRFLOW_HOME']})
+    Everything     make up (Airflow :8080, MLflow :5000, service :{cfg.serving.port}); make down""")
 
 
 def run_demo(cfg: Config) -> None:

@@ -6,30 +6,21 @@ after every file is what makes a half-finished upload invisible.
 
 from __future__ import annotations
 
-import re
 import tempfile
 from pathlib import Path
 
+from training.batches import check_batch_id, landing_storage
 from training.config import Config
 from training.errors import DataValidationError
-from training.storage import Storage, open_storage
 
-__all__ = ["land_synthetic_batches", "landing_storage", "upload_batch"]
+__all__ = ["land_synthetic_batches", "upload_batch"]
 
-_BATCH_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 READY = "_READY"
-
-
-def landing_storage(cfg: Config) -> Storage:
-    return open_storage(cfg.uri("landing"), cfg.storage.s3_endpoint_url, cfg.storage.s3_region)
 
 
 def upload_batch(cfg: Config, local_dir: Path, batch_id: str) -> str:
     """Copy a local folder to ``landing/<batch_id>/``, then write the completion marker."""
-    if not _BATCH_ID.match(batch_id):
-        raise DataValidationError(
-            f"batch id {batch_id!r} must be 1-128 letters, digits, '.', '_' or '-'"
-        )
+    check_batch_id(batch_id)
     store = landing_storage(cfg)
     if store.exists(f"{batch_id}/{READY}"):
         raise DataValidationError(f"batch {batch_id} is already complete in {store.uri}; "
