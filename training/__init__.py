@@ -4,8 +4,14 @@ Runs without Airflow; ``dags/`` only wires these functions. Importing this packa
 TensorFlow, torch, GX and MLflow are imported inside the functions that need them.
 """
 
-from training.config import Config, load_config
-from training.errors import (
+import os
+
+# MLflow 3 phones home at import unless told not to; this machine (and many sites) has no
+# internet. Set before anything in the package can import mlflow.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from training.config import Config, load_config  # noqa: E402
+from training.errors import (  # noqa: E402
     ConfigError,
     DataValidationError,
     LeukoflowError,

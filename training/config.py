@@ -121,6 +121,10 @@ class DetectorConfig(_Section):
     epochs: int = Field(100, ge=1)
     batch: int = Field(16, ge=1)
     warmup_epochs: float = Field(3.0, ge=0)  # Ultralytics default; short runs need fewer
+    # Nominal batch: gradients accumulate over round(nbs / batch) batches per optimizer step.
+    # None = auto: Ultralytics' 64 when the train split fills 10+ steps per epoch (>= 640
+    # fields), else `batch` (no accumulation; a tiny set would otherwise barely ever step).
+    nbs: int | None = Field(None, ge=1)
     workers: int = Field(0, ge=0)
     seed: int = 42
 

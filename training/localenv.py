@@ -24,6 +24,7 @@ def service_env(cfg: Config) -> dict[str, str]:
         "BENTOML_DO_NOT_TRACK": "true",
         "GX_ANALYTICS_ENABLED": "false",
         "MLFLOW_TRACKING_URI": cfg.tracking_uri,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
         "YOLO_OFFLINE": "1",
         "YOLO_CONFIG_DIR": str(cfg.home / "ultralytics"),
         "TF_CPP_MIN_LOG_LEVEL": "2",

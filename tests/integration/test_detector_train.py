@@ -1,0 +1,247 @@
+"""The detector's subprocess entry end to end on synthetic smear fields, tiny and on CPU.
+
+Training runs in a child process (``python -m training.detector``), as the DAG runs it, so
+torch never enters the pytest process (which may hold TensorFlow from other tests). A
+``sitecustomize`` in the child records every attempt to resolve or connect to a host: the
+machine is offline, and the run must not even try.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from training.config import load_config
+from training.dataset import assign_splits, write_manifest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+CLASSES = ["WBC"]
+
+_NET_GUARD = textwrap.dedent("""
+    import os, socket
+    _log = os.environ["NET_ATTEMPTS_LOG"]
+    def _record(what):
+        with open(_log, "a") as f:
+            f.write(repr(what) + "\\n")
+    _getaddrinfo, _connect = socket.getaddrinfo, socket.socket.connect
+    def getaddrinfo(host, *a, **k):
+        if host not in (None, "localhost", "127.0.0.1", "::1"):
+            _record(("getaddrinfo", host))
+        return _getaddrinfo(host, *a, **k)
+    def connect(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in (
+                "127.0.0.1", "::1", "localhost"):
+            _record(("connect", address))
+        return _connect(self, address)
+    socket.getaddrinfo, socket.socket.connect = getaddrinfo, connect
+""")
+
+
+def _child_env(home: Path, **extra: str) -> dict[str, str]:
+    """The child's environment: this home, CPU only, and not marked as a test (MLflow
+    switches its telemetry off under pytest; production has no such marker)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LEUKOFLOW_CONFIG", "PYTEST_CURRENT_TEST", "MLFLOW_DISABLE_TELEMETRY")}
+    return {**env, "LEUKOFLOW_HOME": str(home), "CUDA_VISIBLE_DEVICES": "", **extra}
+
+
+def _curate_fields(home: Path, n_images: int, size: tuple[int, int], seed: int = 0) -> int:
+    """Synthetic fields -> content-addressed curated store + manifest; returns its version."""
+    from training.synth import make_smear_batch
+
+    batch = home / "landing" / "synth-fields"
+    images = make_smear_batch(batch, n_images=n_images, size=size, seed=seed)
+    curated = home / "curated"
+    rows = []
+    for img in images:
+        data = img.read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        key, label_key = f"images/{sha[:2]}/{sha}.jpg", f"labels/{sha}.txt"
+        (curated / key).parent.mkdir(parents=True, exist_ok=True)
+        (curated / key).write_bytes(data)
+        (curated / label_key).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(batch / "labels" / f"{img.stem}.txt", curated / label_key)
+        rows.append({"sha256": sha, "key": key, "kind": "field", "label": "", "subject_id": "",
+                     "batch_id": "synth-fields", "source": img.name, "width": size[0],
+                     "height": size[1], "split": "", "split_group": "", "label_key": label_key})
+    cfg = load_config(home=home)
+    return write_manifest(cfg, assign_splits(pd.DataFrame(rows), cfg)).version
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    home = tmp_path_factory.mktemp("home")
+    version = _curate_fields(home, n_images=16, size=(320, 240))
+    guard = home / "guard"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(_NET_GUARD)
+    net_log = home / "net_attempts.log"
+    env = _child_env(
+        home,
+        LEUKOFLOW_DETECTOR__IMGSZ="96",
+        LEUKOFLOW_DETECTOR__EPOCHS="1",
+        LEUKOFLOW_DETECTOR__BATCH="8",
+        PYTHONPATH=os.pathsep.join([str(guard), str(ROOT)]),
+        NET_ATTEMPTS_LOG=str(net_log),
+    )
+    out = home / "candidate.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.detector", "--dataset-version", str(version),
+         "--tags-json", json.dumps({"airflow_run_id": "test-run"}), "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {"home": home, "version": version, "out": out, "net_log": net_log}
+
+
+def test_candidate_json_has_measured_metrics(trained: dict) -> None:
+    cand = json.loads(trained["out"].read_text())
+    assert cand["family"] == "detector"
+    assert cand["architecture"] == "yolov8n"
+    assert cand["split_kind"] == "image"
+    assert cand["dataset_version"] == trained["version"]
+    assert cand["model_uri"] == f"runs:/{cand['run_id']}/model"
+    assert len(cand["test_set_sha256"]) == 64
+    assert cand["champion_version"] is None and cand["champion_metrics"] is None
+    m = cand["metrics"]
+    for key in ("precision", "recall", "map50", "map50_95", "map50__WBC", "map50_95__WBC"):
+        assert math.isfinite(m[key]) and 0.0 <= m[key] <= 1.0, (key, m[key])
+    assert m["train_time_s"] > 0 and m["latency_ms_per_image"] > 0
+    assert m["params"] > 1e6  # yolov8n: about 3 M parameters
+
+
+def test_nothing_tried_the_network(trained: dict) -> None:
+    log = trained["net_log"]
+    assert not log.exists(), f"network attempts: {log.read_text()}"
+
+
+def test_run_is_in_mlflow_with_params_metrics_and_model(trained: dict) -> None:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from training.tracking import configure_mlflow
+
+    cfg = load_config(home=trained["home"])
+    configure_mlflow(cfg)
+    cand = json.loads(trained["out"].read_text())
+    run = MlflowClient().get_run(cand["run_id"])
+    assert run.data.params["detector.imgsz"] == "96"
+    assert run.data.params["detector.model"] == "yolov8n.yaml"
+    assert run.data.params["nbs_resolved"] == "8"  # tiny set: no gradient accumulation
+    assert run.data.tags["airflow_run_id"] == "test-run"
+    assert run.data.tags["val_split"] == "val"
+    assert run.data.tags["test_set_sha256"] == cand["test_set_sha256"]
+    assert run.data.metrics["map50"] == pytest.approx(cand["metrics"]["map50"])
+    history = MlflowClient().get_metric_history(cand["run_id"], "train/box_loss")
+    assert [h.step for h in history] == [1]  # one epoch, logged with step = epoch
+    assert "val/map50" in run.data.metrics and "best_val/map50" in run.data.metrics
+
+    model_dir = Path(mlflow.artifacts.download_artifacts(
+        cand["model_uri"], dst_path=str(trained["home"] / "dl")))
+    assert (model_dir / "artifacts" / "best.pt").is_file()
+    meta = mlflow.models.Model.load(str(model_dir)).metadata
+    assert meta["family"] == "detector" and meta["classes"] == CLASSES and meta["imgsz"] == 96
+
+
+def test_load_detector_and_detect_in_a_torch_process(trained: dict) -> None:
+    """load_detector + detect (and the pyfunc) in a child process: torch stays out of pytest."""
+    script = textwrap.dedent("""
+        import json, sys
+        from pathlib import Path
+        from training.detector import detect, disable_mlflow_telemetry, load_detector
+        disable_mlflow_telemetry()  # before mlflow's import, or it phones home
+        import mlflow, mlflow.pyfunc
+        from PIL import Image
+        from training.config import load_config
+        from training.tracking import configure_mlflow
+
+        cand = json.loads(Path(sys.argv[1]).read_text())
+        configure_mlflow(load_config())
+        model_dir = Path(mlflow.artifacts.download_artifacts(cand["model_uri"]))
+        model, meta = load_detector(model_dir)
+        image = Image.open(sorted(Path(sys.argv[2]).glob("*.jpg"))[0])
+        boxes = detect(model, image, meta["imgsz"], conf=0.0)
+        py = mlflow.pyfunc.load_model(cand["model_uri"]).predict([image, image])
+        print(json.dumps({"meta": meta, "size": image.size, "boxes": boxes,
+                          "pyfunc_n": len(py), "pyfunc_first": py[0][:3]}))
+    """)
+    net_log = trained["home"] / "net_attempts_serving.log"
+    env = _child_env(trained["home"], NET_ATTEMPTS_LOG=str(net_log),
+                     PYTHONPATH=os.pathsep.join([str(trained["home"] / "guard"), str(ROOT)]))
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(trained["out"]),
+         str(trained["home"] / "landing" / "synth-fields" / "images")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    width, height = got["size"]
+    assert got["meta"]["classes"] == CLASSES
+    assert isinstance(got["boxes"], list)
+    for box in got["boxes"]:
+        assert set(box) == {"x1", "y1", "x2", "y2", "label", "confidence"}
+        assert 0 <= box["x1"] <= box["x2"] <= width and 0 <= box["y1"] <= box["y2"] <= height
+        assert box["label"] in CLASSES and 0.0 <= box["confidence"] <= 1.0
+    assert got["pyfunc_n"] == 2
+    assert not net_log.exists(), f"network attempts: {net_log.read_text()}"
+    for box in got["pyfunc_first"]:
+        assert set(box) == {"x1", "y1", "x2", "y2", "label", "confidence"}
+
+
+def test_champion_is_evaluated_on_the_same_test_set(trained: dict) -> None:
+    """Register the first model as champion; a second run must score it on the same test set."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from training.tracking import configure_mlflow
+
+    home = trained["home"]
+    cfg = load_config(home=home)
+    configure_mlflow(cfg)
+    first = json.loads(trained["out"].read_text())
+    mv = mlflow.register_model(first["model_uri"], cfg.mlflow.detector_name)
+    MlflowClient().set_registered_model_alias(cfg.mlflow.detector_name, "champion", mv.version)
+
+    out = home / "candidate2.json"
+    env = _child_env(home, LEUKOFLOW_DETECTOR__IMGSZ="64", LEUKOFLOW_DETECTOR__EPOCHS="1",
+                     LEUKOFLOW_DETECTOR__BATCH="8")
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.detector", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    second = json.loads(out.read_text())
+    assert second["champion_version"] == str(mv.version)
+    assert second["test_set_sha256"] == first["test_set_sha256"]
+    champ = second["champion_metrics"]
+    assert set(champ) == set(first["metrics"]) - {"train_time_s"}
+    # Same weights, same test images, same imgsz (the champion's own, 96): same scores.
+    for key in ("precision", "recall", "map50", "map50_95"):
+        assert champ[key] == pytest.approx(first["metrics"][key], abs=1e-6)
+    run = MlflowClient().get_run(second["run_id"])
+    assert run.data.tags["champion_version"] == str(mv.version)
+    assert run.data.metrics["champion/map50"] == pytest.approx(champ["map50"])
+
+
+def test_cli_fails_with_one_clear_line_when_there_is_no_dataset(tmp_path: Path) -> None:
+    env = _child_env(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.detector", "--out", str(tmp_path / "c.json")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: DataValidationError:") and "validate a batch first" in last
+    assert not (tmp_path / "c.json").exists()
