@@ -9,6 +9,7 @@ without TensorFlow.
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,16 +36,22 @@ class PreprocessParams:
 
 
 def decode_image(data: bytes, max_pixels: int = 40_000_000) -> Image.Image:
-    """Decode bytes to an RGB image, refusing decompression bombs; raises ValueError on bad data."""
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    """Decode bytes to an RGB image, refusing decompression bombs; raises ValueError on bad data.
+
+    The pixel count is checked from the header before any pixel is decoded. Pillow's own
+    process-wide limit (``Image.MAX_IMAGE_PIXELS``) is left alone: changing it here would
+    change it for every other caller in the process.
+    """
     try:
-        img = Image.open(io.BytesIO(data))
-        if img.width * img.height > max_pixels:
-            raise ValueError(
-                f"image is {img.width}x{img.height} = {img.width * img.height} pixels, "
-                f"more than the limit of {max_pixels}"
-            )
-        img.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if img.width * img.height > max_pixels:
+                raise ValueError(
+                    f"image is {img.width}x{img.height} = {img.width * img.height} pixels, "
+                    f"more than the limit of {max_pixels} (a decompression bomb?)"
+                )
+            img.load()
     except Image.DecompressionBombError as exc:
         raise ValueError(f"image refused as a decompression bomb: {exc}") from exc
     except (OSError, SyntaxError) as exc:

@@ -95,7 +95,7 @@ def test_undecodable_rows_are_not_also_called_small_or_badly_formatted(cfg, fram
 def test_soft_bounds_warn_but_never_quarantine(tmp_path: Path):
     cfg = load_config(home=tmp_path, validation={"min_blur": 10.0, "mostly": 0.95})
     rows = [_row(f"g{i}.png") for i in range(9)] + [_row("blurry.png", blur=1.0),
-                                                     _row("dark.png", exposure=1.0)]
+                                                     _row("dark.png", exposure=0.5)]
     out = run_suite(cfg, prepare_frame(pd.DataFrame(rows), cfg), run_name="soft")
     assert out.reasons["blurry.png"] == [] and out.reasons["dark.png"] == []
     assert out.warnings["blurry.png"] == ["blurry"]

@@ -1,0 +1,191 @@
+"""The API service in-process, with fake model services (no TensorFlow, no torch, no server).
+
+BentoML's middleware, routing and serialization are real (``LeukoflowAPI.to_asgi()``); only the
+two model services are replaced, so response shapes and error statuses are checked in seconds.
+``/metrics`` needs ``bentoml serve`` and is covered by the integration test.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from PIL import Image
+
+import serving.service as svc
+from serving.auth import create_key
+
+with warnings.catch_warnings():  # starlette nudges towards httpx2; httpx is what we pin
+    warnings.simplefilter("ignore")
+    from starlette.testclient import TestClient
+
+
+class FakeClassifier:
+    def __init__(self) -> None:
+        self.seen: list[Image.Image] = []
+
+    def classify(self, image: Image.Image) -> svc.Classification:
+        self.seen.append(image)
+        return svc.Classification(label="all", probabilities={"all": 0.75, "hem": 0.25},
+                                  model=svc.ModelRef(name="leukemia-classifier", version="7"))
+
+    def explain(self, image: Image.Image) -> dict[str, Any]:
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (255, 0, 0)).save(buf, format="PNG")
+        return {"png": buf.getvalue(), "label": "all", "probability": 0.75,
+                "model": {"name": "leukemia-classifier", "version": "7"}}
+
+    def whoami(self) -> dict[str, Any]:
+        return {"pid": -1}
+
+
+class BrokenDetector:
+    def detect(self, image: Image.Image) -> Any:
+        from bentoml.exceptions import InternalServerError
+
+        raise InternalServerError("model exploded")
+
+    def whoami(self) -> dict[str, Any]:
+        return {"pid": -2}
+
+
+class FakeDetector(BrokenDetector):
+    def detect(self, image: Image.Image) -> svc.Detection:
+        box = svc.Box(x1=1, y1=2, x2=30, y2=40, label="WBC", confidence=0.9)
+        return svc.Detection(boxes=[box], model=svc.ModelRef(name="wbc-detector", version="3"))
+
+
+def _png(size: tuple[int, int] = (40, 40)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (90, 40, 130)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One app per module: BentoML registers its Prometheus metrics once per process."""
+    home = tmp_path_factory.mktemp("api") / "home"
+    deps = {"classifier": FakeClassifier(), "detector": FakeDetector()}
+    inner = svc.LeukoflowAPI.inner
+    with pytest.MonkeyPatch.context() as mp:  # read once, when the app starts
+        mp.setenv("LEUKOFLOW_HOME", str(home))
+        mp.setenv("LEUKOFLOW_SERVING__MAX_IMAGE_BYTES", "50000")
+        key = create_key(home / "api_keys.json", "t", ["classify", "detect", "explain"])
+        for name, fake in deps.items():
+            inner.__dict__[name]._resolved = fake  # what bentoml.depends() hands the service
+        try:
+            with TestClient(svc.LeukoflowAPI.to_asgi()) as client:
+                client.headers["Authorization"] = f"Bearer {key}"
+                yield client, deps
+        finally:
+            for name in deps:
+                inner.__dict__[name]._resolved = None
+
+
+@pytest.fixture
+def api(app: Any) -> Iterator[Any]:
+    client, deps = app
+    deps["classifier"].seen.clear()
+    deps["detector"].__class__ = FakeDetector
+    yield client, deps
+
+
+def _upload(data: bytes) -> dict[str, Any]:
+    return {"files": {"image": ("cell.png", data, "image/png")}}
+
+
+def test_classify_shape(api: Any) -> None:
+    client, deps = api
+    resp = client.post("/classify", **_upload(_png()))
+    assert resp.status_code == 200
+    assert resp.json() == {"label": "all", "probabilities": {"all": 0.75, "hem": 0.25},
+                           "model": {"name": "leukemia-classifier", "version": "7"}}
+    assert deps["classifier"].seen[0].mode == "RGB"  # decoded once, in the API process
+
+
+def test_detect_shape(api: Any) -> None:
+    client, _ = api
+    resp = client.post("/detect", **_upload(_png()))
+    assert resp.status_code == 200
+    assert resp.json() == {"boxes": [{"x1": 1.0, "y1": 2.0, "x2": 30.0, "y2": 40.0,
+                                      "label": "WBC", "confidence": 0.9}],
+                           "model": {"name": "wbc-detector", "version": "3"}}
+
+
+def test_explain_is_a_png_with_the_label_in_headers(api: Any) -> None:
+    client, _ = api
+    resp = client.post("/explain", **_upload(_png()))
+    assert resp.status_code == 200
+    assert resp.headers["content-type"] == "image/png"
+    assert resp.headers["x-leukoflow-label"] == "all"
+    assert resp.headers["x-leukoflow-model"] == "leukemia-classifier:7"
+    assert Image.open(io.BytesIO(resp.content)).size == (8, 8)
+
+
+def test_explain_without_gradcam_is_501(api: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    client, _ = api
+    monkeypatch.setattr(svc, "_gradcam_available", lambda: False)
+    resp = client.post("/explain", **_upload(_png()))
+    assert resp.status_code == 501
+    assert "training.gradcam" in resp.json()["error"]
+
+
+@pytest.mark.parametrize(("data", "status", "words"), [
+    (b"", 400, "empty"),
+    (b"GIF89a-not-really", 400, "cannot be read"),
+    (b"%PDF-1.4 hello", 400, "not an image"),
+    (_png((400, 400)) + b"\0" * 60_000, 413, "limit of 50000"),  # read_upload's check
+    (b"\0" * 200_000, 413, "at most 50000"),  # UploadGuard's, before anything is parsed
+])
+def test_bad_uploads_are_4xx_and_never_reach_the_model(
+    api: Any, data: bytes, status: int, words: str
+) -> None:
+    client, deps = api
+    resp = client.post("/classify", **_upload(data))
+    assert resp.status_code == status, resp.text
+    assert words in resp.json()["error"]
+    assert deps["classifier"].seen == []
+    assert client.post("/classify", **_upload(_png())).status_code == 200
+
+
+def test_a_path_in_json_is_refused_not_read(api: Any) -> None:
+    client, deps = api
+    resp = client.post("/classify", json={"image": "/etc/hosts"})
+    assert resp.status_code == 415
+    assert deps["classifier"].seen == []
+
+
+def test_a_failing_model_is_a_502_with_a_message(api: Any) -> None:
+    client, deps = api
+    deps["detector"].__class__ = BrokenDetector
+    resp = client.post("/detect", **_upload(_png()))
+    assert resp.status_code == 502
+    assert "detector failed" in resp.json()["error"]
+
+
+def test_an_unreachable_model_service_is_a_503(api: Any) -> None:
+    client, deps = api
+
+    def down(image: Image.Image) -> Any:
+        raise ConnectionRefusedError("no socket")
+
+    deps["classifier"].classify = down
+    try:
+        resp = client.post("/classify", **_upload(_png()))
+    finally:
+        del deps["classifier"].classify
+    assert resp.status_code == 503
+    assert "not available" in resp.json()["error"]
+
+
+def test_auth_is_wired(api: Any) -> None:
+    client, _ = api
+    resp = client.post("/classify", headers={"Authorization": ""}, **_upload(_png()))
+    assert resp.status_code == 401
+    assert client.get("/readyz", headers={"Authorization": ""}).status_code == 200
+    spec = client.get("/docs.json", headers={"Authorization": ""})
+    assert spec.status_code == 200
+    assert {"/classify", "/detect", "/explain"} <= set(spec.json()["paths"])
