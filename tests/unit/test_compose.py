@@ -55,7 +55,7 @@ NON_CONFIG_VARS = {
 SERVE_CMD = [
     "bentoml",
     "serve",
-    "serving.service:LeukoflowAPI",
+    "leukoflow:latest",  # the last Bento that passed its smoke test
     "--host",
     "0.0.0.0",
     "--port",
