@@ -199,6 +199,28 @@ def publish(ctx: click.Context) -> None:
     _echo_json(do_publish(_cfg(ctx), []))
 
 
+@main.command()
+@click.option("--port", type=int, default=None, help="Default: serving.port of the config.")
+@click.option("--source", is_flag=True, help="Serve this checkout's service, not the Bento.")
+@click.pass_context
+def serve(ctx: click.Context, port: int | None, source: bool) -> None:
+    """Serve the last published Bento (the champions) on loopback until Ctrl-C."""
+    import time
+
+    from training.publish import serve as run_server
+
+    cfg = _cfg(ctx)
+    target = None if source else "leukoflow:latest"
+    with run_server(cfg, port=port or cfg.serving.port, target=target) as url:
+        click.echo(f"serving {target or 'serving.service:LeukoflowAPI'} at {url} "
+                   f"(docs {url}/docs); Ctrl-C stops")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
 @main.group()
 def keys() -> None:
     """API keys for the HTTP service (stored hashed)."""

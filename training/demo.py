@@ -96,9 +96,10 @@ def _requests(cfg: Config) -> None:
     from training.publish import serve
 
     cell, truth, field = _sample_images(cfg)
-    revoke_key(cfg.api_keys_file, "demo", missing_ok=True)
+    revoke_key(cfg.api_keys_file, "demo")
     key = create_key(cfg.api_keys_file, "demo", ["classify", "detect", "explain"])
-    with serve(cfg) as url, httpx.Client(base_url=url, timeout=120) as http:
+    with (serve(cfg, target="leukoflow:latest") as url,
+          httpx.Client(base_url=url, timeout=120) as http):
         click.echo(f"    service up at {url}")
         auth = {"Authorization": f"Bearer {key}"}
         r = http.post("/classify", files={"image": ("cell.png", cell, "image/png")}, headers=auth)

@@ -49,7 +49,7 @@ def start_all(cfg: Config) -> None:
                     "--default-artifact-root", cfg.artifact_root, "--host", "127.0.0.1",
                     "--port", os.environ.get("LEUKOFLOW_MLFLOW_PORT", "5000")],
                    service_env(cfg)),
-        "service": ([sys.executable, "-m", "training.cli", "serve-champions"], service_env(cfg)),
+        "service": ([sys.executable, "-m", "training.cli", "serve"], service_env(cfg)),
     }
     for name, (cmd, env) in wanted.items():
         if name in running:

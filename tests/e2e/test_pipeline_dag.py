@@ -86,7 +86,8 @@ def test_service_answers_with_champion_version(chain):
     cell = df[(df["kind"] == "cell") & (df["split"] == "test")].iloc[0]
     image = curated_storage(cfg).read_bytes(cell["key"])
     key = create_key(cfg.api_keys_file, "e2e", ["classify"])
-    with serve(cfg) as url, httpx.Client(base_url=url, timeout=60) as http:
+    with (serve(cfg, target="leukoflow:latest") as url,
+          httpx.Client(base_url=url, timeout=60) as http):
         r = http.post("/classify", files={"image": ("c.png", image, "image/png")},
                       headers={"Authorization": f"Bearer {key}"})
         assert r.status_code == 200, r.text
