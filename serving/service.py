@@ -145,7 +145,8 @@ class ClassifierService:
         probs = self._predict_proba(self.model, [image], self.params)[0]
         best = int(probs.argmax())
         pixels = preprocess_image(image, self.params)  # (size, size, 3) in 0-255
-        heatmap = gradcam_heatmap(self.model, pixels, class_index=best)  # (size, size)
+        heatmap = gradcam_heatmap(self.model, pixels, class_index=best,  # (size, size)
+                                  layer_name=self.metadata.get("gradcam_layer"))
         png = overlay_png(np.asarray(pixels, dtype=np.uint8), heatmap)
         return {"png": png, "label": self.classes[best], "probability": float(probs[best]),
                 "model": self.ref.model_dump()}

@@ -10,6 +10,7 @@ candidate against the champion.
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -26,8 +27,15 @@ from training.localenv import airflow_env
 
 __all__ = ["run_demo", "run_dag"]
 
-_SHOW = ("leukoflow", "Epoch", "epoch", "ERROR", "Error", "PROMOTED", "not promoted",
-         "Traceback", "state=", "Marking task")
+_SHOW = re.compile(r"\[(leukoflow\.[a-z_.]+)\]|DagRun Finished|new_state=(failed|up_for_retry)|"
+                   r"\[error|Traceback")
+_STRUCTLOG = re.compile(r"^\S+Z \[(\w+)\s*\] (.*?)(?: \[[\w.]+\])?(?: loc=\S+.*)?$")
+
+
+def _readable(line: str) -> str:
+    """Airflow's structlog line -> 'level message' (its timestamp and key=values dropped)."""
+    m = _STRUCTLOG.match(line)
+    return f"{m.group(1)}: {m.group(2)}" if m else line
 
 
 @contextmanager
@@ -51,8 +59,8 @@ def _airflow(cfg: Config, *args: str, log_name: str) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
-            if any(s in line for s in _SHOW):
-                click.echo("    " + line.rstrip()[:220])
+            if _SHOW.search(line):
+                click.echo("    " + _readable(line.rstrip())[:200])
         code = proc.wait()
     if code != 0:
         raise LeukoflowError(f"`airflow {' '.join(args)}` exited {code}; log: {logs / log_name}")

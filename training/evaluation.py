@@ -401,7 +401,7 @@ _ALIASES = {
     "split_kind": ("split_kind", "split"),
     "trainable_params": ("trainable_params", "trainable_parameters", "params"),
     "train_time_s": ("train_time_s", "train_time"),
-    "latency_ms": ("latency_ms", "latency"),
+    "latency_ms": ("latency_ms", "latency_ms_per_image", "latency"),
 }
 
 

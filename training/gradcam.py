@@ -1,7 +1,9 @@
 """Grad-CAM heatmaps for the Keras classifiers (training artifacts and serving's ``/explain``).
 
-The project's classifiers wrap a Keras application as one layer (``backbone``) inside a
-functional model, so the last convolution sits *inside* a nested model. Its ``.output`` then
+The project's classifiers build their backbones flat (``training.models.registry``), and each
+logged model names its Grad-CAM layer in its metadata (``gradcam_layer``). Models that wrap a
+Keras application as one nested layer also work: there the last convolution sits *inside* a
+nested model, and its ``.output``
 belongs to the inner graph and ``keras.Model(model.inputs, [conv.output, model.output])``
 fails as "disconnected". Instead the outer graph is re-traced with ``keras.models.clone_model``
 (sharing every layer, so no weights are copied) and a ``call_function`` that swaps the nested

@@ -1,0 +1,487 @@
+"""The cell classifier: a Keras architecture trained on curated cells, judged on the test split.
+
+One front door per job:
+
+* :func:`train_and_evaluate` - curated manifest (cells) -> tf.data pipeline through the shared
+  preprocessing -> train (architecture from ``training.models``, hyperparameters of its paper
+  unless the config says otherwise) -> evaluate the model AND the current champion on the same
+  frozen test split -> one MLflow run (params, per-epoch metrics, test metrics, plots, the
+  pyfunc model of ``training.classifier_pyfunc``) -> :class:`~training.records.Candidate`.
+* :func:`load_classifier` / :func:`predict_proba` - serving's light path (no MLflow calls).
+* ``python -m training.classifier --architecture NAME --out candidate.json`` - the subprocess
+  the retrain DAG runs, so TensorFlow never shares a process with torch.
+
+TensorFlow/Keras are imported inside functions: importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+from PIL import Image
+
+from training.config import Config, load_config
+from training.errors import (
+    ConfigError,
+    DataValidationError,
+    LeukoflowError,
+    RegistryError,
+    TrainingError,
+)
+from training.preprocess import PreprocessParams, preprocess_image
+from training.records import Candidate
+
+__all__ = [
+    "load_classifier", "load_keras_model", "main", "predict_array", "predict_proba",
+    "train_and_evaluate",
+]
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+PREDICT_BATCH = 32  # images per forward pass when predicting arrays
+LATENCY_IMAGES = 32  # test images timed one by one for latency_ms_per_image
+
+
+# ------------------------------------------------------------------------------ serving
+def load_keras_model(path: str | Path) -> Any:
+    """Load a saved ``.keras`` classifier for inference (custom layers registered first)."""
+    import keras
+
+    import training.models.layers  # noqa: F401  (registers CaffePreprocess for deserialising)
+
+    return keras.saving.load_model(str(path), compile=False)
+
+
+def load_classifier(model_dir: Path) -> tuple[Any, dict[str, Any]]:
+    """A logged classifier's Keras model and MLmodel metadata (classes, preprocess, ...).
+
+    ``model_dir`` is a downloaded MLflow model dir (``MLmodel`` + ``artifacts/model.keras``);
+    the metadata is read as YAML, so no MLflow call is made.
+    """
+    model_dir = Path(model_dir)
+    keras_path, mlmodel = model_dir / "artifacts" / "model.keras", model_dir / "MLmodel"
+    if not keras_path.is_file() or not mlmodel.is_file():
+        raise RegistryError(f"{model_dir} is not a logged leukoflow classifier: it needs MLmodel "
+                            "and artifacts/model.keras")
+    meta = (yaml.safe_load(mlmodel.read_text()) or {}).get("metadata") or {}
+    if meta.get("family") != "classifier":
+        raise RegistryError(f"{model_dir} holds a {meta.get('family')!r} model, not a classifier")
+    missing = {"classes", "preprocess"} - set(meta)
+    if missing:
+        raise RegistryError(f"{mlmodel} metadata lacks {sorted(missing)}")
+    return load_keras_model(keras_path), meta
+
+
+def predict_array(model: Any, x: Any, batch_size: int = PREDICT_BATCH) -> np.ndarray:
+    """Probabilities ``(n, k)`` of preprocessed pixels ``(n, size, size, 3)`` (or one image)."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 3:
+        x = x[None]
+    want = tuple(model.input_shape[1:])
+    if x.ndim != 4 or any(w is not None and w != g for w, g in zip(want, x.shape[1:],
+                                                                   strict=True)):
+        raise ValueError(f"expected preprocessed images of shape (n, {', '.join(map(str, want))})"
+                         f" in 0-255, got an array of shape {x.shape}")
+    n_classes = int(model.output_shape[-1])
+    if len(x) == 0:
+        return np.zeros((0, n_classes), dtype=np.float32)
+    out = [np.asarray(model.predict_on_batch(x[i:i + batch_size]))
+           for i in range(0, len(x), batch_size)]
+    return np.concatenate(out).astype(np.float32)
+
+
+def predict_proba(model: Any, images: list[Image.Image], params: PreprocessParams) -> np.ndarray:
+    """Class probabilities ``(n, k)`` of PIL images, through the one preprocessing function."""
+    if not images:
+        return predict_array(model, np.zeros((0, params.image_size, params.image_size, 3)))
+    return predict_array(model, np.stack([preprocess_image(im, params) for im in images]))
+
+
+# ------------------------------------------------------------------------------ data
+def _cells(cfg: Config, dataset_version: int | None) -> tuple[pd.DataFrame, Any]:
+    """The manifest's cell rows whose label is a configured class, with local file paths."""
+    from training.dataset import load_manifest, materialize
+
+    classes = list(cfg.data.classes)
+    if len(classes) == 2 and cfg.data.positive_class not in (None, *classes):
+        raise ConfigError(f"'data.positive_class' = {cfg.data.positive_class!r} is not one of "
+                          f"data.classes {classes}")
+    df, ds = load_manifest(cfg, dataset_version)
+    cells = df[df["kind"] == "cell"]
+    if cells.empty:
+        raise DataValidationError(
+            f"dataset version {ds.version} holds no cell images (kind=cell): ingest a cell batch "
+            "(C-NMC, class folders, ...) first")
+    other = cells.loc[~cells["label"].isin(classes), "label"].value_counts()
+    if len(other):
+        log.warning("ignoring %d cells whose label is not in data.classes %s: %s",
+                    int(other.sum()), classes, other.to_dict())
+    cells = cells[cells["label"].isin(classes)]
+    for split in ("train", "test"):
+        if not (cells["split"] == split).any():
+            raise DataValidationError(
+                f"dataset version {ds.version} has no {split} cells of classes {classes}")
+    absent = sorted(set(classes) - set(cells.loc[cells["split"] == "train", "label"]))
+    if absent:
+        raise DataValidationError(f"the train split of dataset version {ds.version} has no "
+                                  f"images of class(es) {absent}: a model cannot learn them")
+    return materialize(cfg, cells, cfg.home / "cache").reset_index(drop=True), ds
+
+
+def _split_kind(test: pd.DataFrame) -> str:
+    """'subject' when every test image carries a subject id (groups kept apart), else 'image'."""
+    subjects = test["subject_id"].fillna("").astype(str).str.strip()
+    return "subject" if (subjects != "").all() else "image"
+
+
+# ------------------------------------------------------------------------------ training
+def _epoch_logger(run_id: str) -> Any:
+    """A Keras callback sending each epoch's losses, accuracies and lr to MLflow, step=epoch."""
+    import keras
+    import mlflow
+
+    names = {"loss": "train_loss", "accuracy": "train_accuracy", "val_loss": "val_loss",
+             "val_accuracy": "val_accuracy", "learning_rate": "lr"}
+
+    class EpochLogger(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            values = {names.get(k, k): float(v) for k, v in (logs or {}).items()}
+            mlflow.log_metrics({k: v for k, v in values.items() if math.isfinite(v)},
+                               step=epoch, run_id=run_id)
+
+    return EpochLogger()
+
+
+def _latency_ms(model: Any, paths: list[str], params: PreprocessParams) -> float:
+    """Mean milliseconds per image, one image per call as serving does (after a warm-up)."""
+    from training.models.pipeline import load_uint8
+
+    images = [load_uint8(p, params).astype(np.float32)[None] for p in paths[:LATENCY_IMAGES]]
+    predict_array(model, images[0])
+    start = time.perf_counter()
+    for image in images:
+        predict_array(model, image)
+    return 1000.0 * (time.perf_counter() - start) / len(images)
+
+
+def _probabilities(model: Any, paths: list[str], params: PreprocessParams,
+                   batch_size: int) -> np.ndarray:
+    from training.models.pipeline import make_dataset
+
+    n_classes = int(model.output_shape[-1])
+    ds = make_dataset(paths, None, n_classes, params, batch_size=batch_size, cache=False)
+    return np.asarray(model.predict(ds, verbose=0), dtype=np.float64)
+
+
+def _metrics(y_true: np.ndarray, y_prob: np.ndarray, classes: list[str],
+             positive: str | None, who: str) -> dict[str, float]:
+    from training.evaluation import classification_metrics
+
+    if not np.all(np.isfinite(y_prob)):
+        raise TrainingError(f"{who} produced non-finite probabilities (did training diverge?)")
+    return classification_metrics(y_true, y_prob, classes, positive)
+
+
+def _predictions_table(test: pd.DataFrame, y_prob: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    """Per-image test predictions (for paired comparisons and error analysis)."""
+    table = test[["sha256", "label", "subject_id"]].copy()
+    for j, cls in enumerate(classes):
+        table[f"p_{cls}"] = y_prob[:, j]
+    table["predicted"] = [classes[i] for i in y_prob.argmax(axis=1)]
+    return table
+
+
+def _champion(cfg: Config, dest: Path) -> tuple[str, Path] | None:
+    """The champion's version and local model dir; None when there is none yet."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    name = cfg.mlflow.classifier_name
+    try:
+        mv = MlflowClient().get_model_version_by_alias(name, "champion")
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise RegistryError(f"cannot read the champion alias of {name}: {exc}") from exc
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dest))
+    return str(mv.version), Path(local)
+
+
+def _evaluate_champion(
+    cfg: Config, test: pd.DataFrame, y_true: np.ndarray, classes: list[str],
+    positive: str | None, batch_size: int, work: Path,
+) -> tuple[str | None, dict[str, float] | None, pd.DataFrame | None]:
+    """The champion's metrics on OUR test rows, preprocessed with ITS OWN parameters."""
+    champ = _champion(cfg, work / "champion")
+    if champ is None:
+        return None, None, None
+    version, model_dir = champ
+    model, meta = load_classifier(model_dir)
+    champ_classes = [str(c) for c in meta["classes"]]
+    if sorted(champ_classes) != sorted(classes):
+        log.warning("champion v%s predicts %s, not data.classes %s: not comparable, skipped",
+                    version, champ_classes, classes)
+        return None, None, None
+    params = PreprocessParams.from_dict(meta["preprocess"])
+    y_prob = _probabilities(model, list(test["path"]), params, batch_size)
+    y_prob = y_prob[:, [champ_classes.index(c) for c in classes]]
+    metrics = _metrics(y_true, y_prob, classes, positive, f"champion v{version}")
+    return version, metrics, _predictions_table(test, y_prob, classes)
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for pkg in ("mlflow", "tensorflow-cpu", "keras", "numpy", "pillow", "pyyaml", "pandas"):
+        try:
+            reqs.append(f"{pkg}=={version(pkg)}")
+        except PackageNotFoundError:
+            reqs.append(pkg)
+    return reqs
+
+
+def _flat_params(hp: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in hp.items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = "null" if value is None else value
+    return out
+
+
+def _log_model(model: Any, work: Path, meta: dict[str, Any], image_size: int) -> None:
+    """Log the pyfunc model of the contract: ``artifacts/model.keras`` + metadata + signature."""
+    import keras
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from training.classifier_pyfunc import KerasClassifierModel
+
+    keras_path = work / "model.keras"
+    # A fresh functional view over the same layers is uncompiled: it saves the weights
+    # without the optimizer's slots, which would triple the file for nothing at serving time.
+    keras.Model(model.inputs, model.outputs, name=model.name).save(keras_path)
+    # A mid-grey image, not a patient's cell, as the stored input example.
+    example = np.full((1, image_size, image_size, 3), 128.0, dtype=np.float32)
+    signature = infer_signature(example, predict_array(model, example))
+    mlflow.pyfunc.log_model(
+        name="model", python_model=KerasClassifierModel(),
+        artifacts={"keras_model": str(keras_path)}, metadata=meta, signature=signature,
+        input_example=example, pip_requirements=_pip_requirements(),
+    )
+    keras_path.unlink()  # MLflow holds the copy; large heads weigh hundreds of MB
+
+
+def _fit(model: Any, hp: dict[str, Any], part: dict[str, pd.DataFrame],
+         y: dict[str, np.ndarray], params: PreprocessParams, work: Path, run_id: str) -> int:
+    """Train on ``train`` (validating on ``val`` each epoch), then re-estimate BatchNorm.
+
+    Returns how many batches re-estimated the BatchNorm statistics (0: no BatchNorm).
+    """
+    import keras
+    import tensorflow as tf
+
+    from training.models.batchnorm import recalibrate_batchnorm
+    from training.models.pipeline import (
+        augmentation_model,
+        balanced_class_weights,
+        lr_schedule,
+        make_dataset,
+    )
+
+    seed, batch_size = int(hp["seed"]), int(hp["batch_size"])
+    n_classes = int(model.output_shape[-1])
+    train_paths = list(part["train"]["path"])
+    train_ds = make_dataset(
+        train_paths, y["train"], n_classes, params, batch_size=batch_size, training=True,
+        seed=seed, augment=augmentation_model(hp["augmentation"], seed),
+        cache_file=str(work / "train.cache"))
+    val_ds = (make_dataset(list(part["val"]["path"]), y["val"], n_classes, params,
+                           batch_size=batch_size, cache_file=str(work / "val.cache"))
+              if len(part["val"]) else None)
+    class_weight = balanced_class_weights(y["train"], n_classes) if hp["class_weights"] else None
+    try:
+        model.fit(train_ds, validation_data=val_ds, epochs=int(hp["epochs"]),
+                  class_weight=class_weight, shuffle=False, verbose=2, callbacks=[
+                      keras.callbacks.LearningRateScheduler(lr_schedule(hp)),
+                      _epoch_logger(run_id)])
+        plain = make_dataset(train_paths, None, n_classes, params, batch_size=batch_size,
+                             cache=False)  # un-augmented: the statistics inference will see
+        return recalibrate_batchnorm(model, plain)
+    except (ValueError, RuntimeError, tf.errors.OpError) as exc:
+        raise TrainingError(f"training {hp['architecture']} failed: {exc}") from exc
+    finally:
+        for stale in work.glob("*.cache*"):  # file caches exist only for huge datasets
+            stale.unlink()
+
+
+def _run_tags(architecture: str, paper: str, ds: Any, split_kind: str, test_sha: str,
+              tags: dict[str, str] | None) -> dict[str, str]:
+    from training.pipeline import git_sha
+
+    run_tags = {"family": "classifier", "architecture": architecture,
+                "dataset_version": str(ds.version), "manifest_sha256": ds.manifest_sha256,
+                "batch_ids": ",".join(ds.batch_ids)[:5000], "split_kind": split_kind,
+                "test_set_sha256": test_sha, "paper": paper[:5000]}
+    sha = git_sha()
+    if sha != "unknown":
+        run_tags["git_sha"] = sha
+    return {**run_tags, **{str(k): str(v) for k, v in (tags or {}).items()}}
+
+
+def train_and_evaluate(
+    cfg: Config,
+    architecture: str,
+    *,
+    dataset_version: int | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> Candidate:
+    """Train ``architecture`` on the curated cells and judge it and the champion on test.
+
+    Everything goes to one MLflow run (nested under ``parent_run_id`` if given): resolved
+    hyperparameters, ``config.json``, per-epoch metrics (step = epoch), test metrics with
+    bootstrap CIs, plots, per-image predictions, the pyfunc model and ``candidate.json``.
+    """
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from training.dataset import test_set_sha256
+    from training.evaluation import save_classification_plots
+    from training.models import build_model, count_params, get_spec, resolve_hparams
+    from training.tracking import configure_mlflow
+
+    hp = resolve_hparams(cfg, architecture)  # a bad name/value fails before any heavy work
+    cells, ds = _cells(cfg, dataset_version)
+    import keras
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    experiment_id = configure_mlflow(cfg)
+    classes = list(cfg.data.classes)
+    positive = cfg.data.positive_class if len(classes) == 2 else None
+    index = {c: i for i, c in enumerate(classes)}
+    part = {s: cells[cells["split"] == s].reset_index(drop=True) for s in SPLITS}
+    y = {s: part[s]["label"].map(index).to_numpy(dtype=np.int64) for s in SPLITS}
+    split_kind = _split_kind(part["test"])
+    test_sha = test_set_sha256(cells)
+    spec = get_spec(architecture)
+    try:
+        run_ctx = mlflow.start_run(
+            experiment_id=experiment_id, run_name=f"classifier-{architecture}",
+            nested=parent_run_id is not None, parent_run_id=parent_run_id,
+            tags=_run_tags(architecture, spec.paper, ds, split_kind, test_sha, tags))
+    except MlflowException as exc:
+        raise RegistryError(
+            f"cannot start the classifier run (parent run {parent_run_id}): {exc}") from exc
+
+    with run_ctx as run:
+        run_id = run.info.run_id
+        work = cfg.runs_dir / "classifier" / run_id
+        work.mkdir(parents=True, exist_ok=True)
+        counts = {f"n_{s}": len(part[s]) for s in SPLITS}
+        mlflow.log_params({**_flat_params(hp), **counts, "classes": ",".join(classes),
+                           "dataset_version": ds.version})
+        mlflow.log_dict(cfg.dump(), "config.json")
+
+        keras.utils.set_random_seed(int(hp["seed"]))
+        params = PreprocessParams(int(hp["image_size"]), hp["source_size"], hp["segmentation"])
+        model = build_model(architecture, len(classes), hp)
+        total, trainable = count_params(model)
+        log.info("training %s (%d params, %d trainable) on %s", architecture, total, trainable,
+                 counts)
+        start = time.perf_counter()
+        bn_batches = _fit(model, hp, part, y, params, work, run_id)
+        train_time = time.perf_counter() - start
+        mlflow.log_param("bn_recalibration_batches", bn_batches)
+
+        test_paths = list(part["test"]["path"])
+        y_prob = _probabilities(model, test_paths, params, int(hp["batch_size"]))
+        metrics = _metrics(y["test"], y_prob, classes, positive, architecture)
+        metrics.update(total_params=float(total), trainable_params=float(trainable),
+                       train_time_s=train_time,
+                       latency_ms_per_image=_latency_ms(model, test_paths, params))
+        mlflow.log_metrics(metrics)
+        for path in save_classification_plots(y["test"], y_prob, classes, work / "plots",
+                                              title=architecture):
+            mlflow.log_artifact(str(path), artifact_path="plots")
+        predictions = _predictions_table(part["test"], y_prob, classes)
+        mlflow.log_text(predictions.to_csv(index=False), "predictions/test.csv")
+
+        meta = {"family": "classifier", "architecture": architecture, "classes": classes,
+                "preprocess": params.to_dict(), "positive_class": positive,
+                "gradcam_layer": spec.gradcam_layer, "split_kind": split_kind}
+        _log_model(model, work, meta, params.image_size)
+        del model
+
+        champion_version, champion_metrics, champ_pred = _evaluate_champion(
+            cfg, part["test"], y["test"], classes, positive, int(hp["batch_size"]), work)
+        if champion_metrics is not None:
+            mlflow.log_metrics({f"champion/{k}": v for k, v in champion_metrics.items()})
+            mlflow.set_tag("champion_version", champion_version)
+            mlflow.log_text(champ_pred.to_csv(index=False), "predictions/champion_test.csv")
+
+        candidate = Candidate(
+            family="classifier", architecture=architecture, run_id=run_id,
+            model_uri=f"runs:/{run_id}/model", metrics=metrics, split_kind=split_kind,
+            test_set_sha256=test_sha, dataset_version=ds.version,
+            champion_version=champion_version, champion_metrics=champion_metrics,
+        )
+        mlflow.log_dict(candidate.to_dict(), "candidate.json")
+    return candidate
+
+
+# ---------------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    """``python -m training.classifier --architecture NAME --out candidate.json``."""
+    parser = argparse.ArgumentParser(prog="python -m training.classifier", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--architecture", default=None,
+                        help="architecture name (default: the config's first)")
+    parser.add_argument("--dataset-version", type=int, default=None,
+                        help="curated manifest version (default: the newest)")
+    parser.add_argument("--parent-run-id", default=None, help="MLflow run to nest under")
+    parser.add_argument("--tags-json", default=None, help="JSON object of MLflow run tags")
+    parser.add_argument("--out", type=Path, required=True, help="where to write the Candidate")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        tags = json.loads(args.tags_json) if args.tags_json else None
+        if tags is not None and not isinstance(tags, dict):
+            raise ConfigError(f"--tags-json must be a JSON object, got {args.tags_json!r}")
+        cfg = load_config()
+        architecture = args.architecture or cfg.classifier.architectures[0]
+        candidate = train_and_evaluate(cfg, architecture, dataset_version=args.dataset_version,
+                                       parent_run_id=args.parent_run_id, tags=tags)
+    except json.JSONDecodeError as exc:
+        print(f"error: --tags-json is not valid JSON: {exc}", file=sys.stderr)
+        return 2
+    except LeukoflowError as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    text = json.dumps(candidate.to_dict(), indent=2, sort_keys=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text + "\n")
+    print(json.dumps(candidate.to_dict(), sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

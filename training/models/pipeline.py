@@ -1,0 +1,135 @@
+"""The classifier's input pipeline: files -> the shared preprocessing -> tf.data batches.
+
+Each image goes through ``training.preprocess.preprocess_image``, the very function serving
+calls, so train and serve see identical pixels. Its output is integer-valued (a resized 8-bit
+image as float32), so the pipeline caches uint8 — exact, and a quarter of the memory — and
+turns it back into 0-255 float32 after the cache. Augmentation (Batool & Byun's rotation 20,
+zoom 0.2, shifts 0.2, flips, as Keras preprocessing layers) runs on training batches only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from training.preprocess import PreprocessParams, decode_image, preprocess_image
+
+__all__ = [
+    "augmentation_model", "balanced_class_weights", "load_uint8", "lr_schedule", "make_dataset",
+]
+
+_MEMORY_CACHE_BYTES = 4 * 2**30  # above this the decoded images are cached to a file
+
+
+def load_uint8(path: str, params: PreprocessParams) -> np.ndarray:
+    """Read one file and preprocess it exactly as serving does; uint8 ``(size, size, 3)``."""
+    with open(path, "rb") as fh:
+        arr = preprocess_image(decode_image(fh.read()), params)
+    return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+
+
+def balanced_class_weights(y: np.ndarray, n_classes: int) -> dict[int, float]:
+    """``n / (k * count_c)`` per present class (sklearn's 'balanced'), so rare classes count."""
+    counts = np.bincount(y, minlength=n_classes)
+    present = counts > 0
+    k = int(present.sum())
+    return {c: float(len(y) / (k * counts[c])) for c in range(n_classes) if present[c]}
+
+
+def lr_schedule(hp: dict[str, Any]) -> Callable[[int, float], float]:
+    """``learning_rate`` for epochs before ``lr_drop_epoch``, ``learning_rate_after`` from it."""
+    before, after = float(hp["learning_rate"]), float(hp["learning_rate_after"])
+    drop = int(hp["lr_drop_epoch"])
+
+    def schedule(epoch: int, lr: float | None = None) -> float:
+        return before if epoch < drop else after
+
+    return schedule
+
+
+def augmentation_model(aug: dict[str, Any], seed: int) -> Any | None:
+    """Keras preprocessing layers equivalent to the paper's ImageDataGenerator ranges.
+
+    ``fill_mode="nearest"`` is ImageDataGenerator's default, which the papers used.
+    Returns None when augmentation is disabled or every range is zero.
+    """
+    import keras
+
+    if not aug.get("enabled", True):
+        return None
+    layers: list[Any] = []
+    if aug.get("rotation"):
+        layers.append(keras.layers.RandomRotation(
+            float(aug["rotation"]) / 360.0, fill_mode="nearest", seed=seed))
+    if aug.get("zoom"):
+        z = float(aug["zoom"])
+        layers.append(keras.layers.RandomZoom((-z, z), fill_mode="nearest", seed=seed + 1))
+    if aug.get("width_shift") or aug.get("height_shift"):
+        layers.append(keras.layers.RandomTranslation(
+            float(aug.get("height_shift") or 0.0), float(aug.get("width_shift") or 0.0),
+            fill_mode="nearest", seed=seed + 2))
+    flip = {(True, True): "horizontal_and_vertical", (True, False): "horizontal",
+            (False, True): "vertical"}.get(
+        (bool(aug.get("horizontal_flip")), bool(aug.get("vertical_flip"))))
+    if flip:
+        layers.append(keras.layers.RandomFlip(flip, seed=seed + 3))
+    return keras.Sequential(layers, name="augmentation") if layers else None
+
+
+def make_dataset(
+    paths: Sequence[str],
+    labels: np.ndarray | None,
+    n_classes: int,
+    params: PreprocessParams,
+    *,
+    batch_size: int,
+    training: bool = False,
+    seed: int = 0,
+    augment: Any | None = None,
+    cache: bool = True,
+    cache_file: str | None = None,
+) -> Any:
+    """A ``tf.data.Dataset`` of ``(images float32 0-255, one-hot labels)`` batches.
+
+    Decoding runs in parallel (AUTOTUNE), the decoded images are cached (``cache``; in memory,
+    or in ``cache_file`` when they would not fit), training data is reshuffled every epoch with
+    a seeded order and augmented; order is kept otherwise, so predictions line up with
+    ``paths``. With ``labels=None`` the elements are images only.
+    """
+    import tensorflow as tf
+
+    size = params.image_size
+    autotune = tf.data.AUTOTUNE
+
+    def load(path: Any) -> np.ndarray:
+        return load_uint8(path.decode() if isinstance(path, bytes) else str(path), params)
+
+    def decode(path: Any) -> Any:
+        img = tf.numpy_function(load, [path], tf.uint8, stateful=False)
+        img.set_shape((size, size, 3))
+        return img
+
+    ds = tf.data.Dataset.from_tensor_slices(list(paths))
+    ds = ds.map(decode, num_parallel_calls=autotune)
+    if labels is not None:
+        onehot = np.eye(n_classes, dtype=np.float32)[np.asarray(labels, dtype=np.int64)]
+        ds = tf.data.Dataset.zip((ds, tf.data.Dataset.from_tensor_slices(onehot)))
+    if cache:
+        fits_memory = len(paths) * size * size * 3 <= _MEMORY_CACHE_BYTES
+        ds = ds.cache() if fits_memory or not cache_file else ds.cache(cache_file)
+    if training:
+        buffer = min(len(paths), max(1024, 8 * batch_size))
+        ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+
+    def to_float(*item: Any) -> Any:
+        x = tf.cast(item[0], tf.float32)
+        return (x, item[1]) if len(item) == 2 else x
+
+    ds = ds.map(to_float, num_parallel_calls=autotune)
+    if training and augment is not None and labels is not None:
+        ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=autotune)
+    return ds.prefetch(autotune)
+
