@@ -77,6 +77,7 @@ class SplitConfig(_Section):
     val_fraction: float = Field(0.15, ge=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
     salt: str = "leukoflow-split-v1"  # changing it re-deals only never-assigned subjects
+    level: Literal["subject", "image"] = "subject"  # image = the papers' random image split
 
 
 class AugmentationConfig(_Section):

@@ -87,9 +87,10 @@ def write_manifest(cfg: Config, df: pd.DataFrame) -> CuratedDataset:
     return load_manifest(cfg, version)[1]
 
 
-def split_group(row: pd.Series) -> str:
-    """Images of one subject travel together; without a subject, each image is its own group."""
-    subject = str(row.get("subject_id") or "")
+def split_group(row: pd.Series, level: str = "subject") -> str:
+    """Images of one subject travel together; without a subject (or at image level), each
+    image is its own group."""
+    subject = str(row.get("subject_id") or "") if level == "subject" else ""
     return f"subject:{subject}" if subject else f"image:{row['sha256']}"
 
 
@@ -107,7 +108,7 @@ def assign_splits(df: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     set of earlier versions is never reshuffled and no subject sits on both sides.
     """
     df = df.reset_index(drop=True)
-    df["split_group"] = [g or split_group(r) for g, (_, r) in zip(
+    df["split_group"] = [g or split_group(r, cfg.split.level) for g, (_, r) in zip(
         df.get("split_group", pd.Series([""] * len(df), index=df.index)), df.iterrows(),
         strict=True)]
     df["split"] = df["split"].fillna("") if "split" in df else ""

@@ -60,3 +60,11 @@ def test_manifest_versions(cfg):
     loaded, ds = load_manifest(cfg)
     assert ds.version == 2 and ds.n_cells == 10
     assert fingerprint(loaded) == fingerprint(df)
+
+
+def test_image_level_split_lets_subjects_straddle(cfg):
+    """The papers' random image-level split, kept for comparison: subjects end up on both sides."""
+    cfg.split.level = "image"
+    df = assign_splits(_rows({str(i): "all" for i in range(4)}, per_subject=25), cfg)
+    assert df["split_group"].str.startswith("image:").all()
+    assert (df.groupby("subject_id")["split"].nunique() > 1).any()
