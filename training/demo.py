@@ -59,7 +59,7 @@ def _airflow(cfg: Config, *args: str, log_name: str) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
-            if _SHOW.search(line):
+            if _SHOW.search(line) and "XCom not found" not in line:  # end of a mapped list
                 click.echo("    " + _readable(line.rstrip())[:200])
         code = proc.wait()
     if code != 0:

@@ -158,7 +158,7 @@ def publish(cfg: Config, promotions: list[dict[str, Any]]) -> dict[str, Any]:
     from training.registry import undo_promotion
 
     try:
-        return publisher.publish(cfg).to_dict()
+        publication = publisher.publish(cfg)
     except Exception as exc:
         for p in map(Promotion.from_dict, promotions):
             log.error("publish failed: rolling %s back from v%s", p.model_name, p.version)
@@ -166,3 +166,6 @@ def publish(cfg: Config, promotions: list[dict[str, Any]]) -> dict[str, Any]:
         if isinstance(exc, PublishError):
             raise
         raise PublishError(f"publishing failed: {exc}") from exc
+    log.info("published Bento %s serving %s; smoke test passed: %s", publication.bento_tag,
+             publication.models, publication.smoke)
+    return publication.to_dict()
