@@ -7,6 +7,7 @@ subprocesses all use it, so every component finds the same SQLite files and fold
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from training.config import Config
@@ -51,4 +52,6 @@ def airflow_env(cfg: Config) -> dict[str, str]:
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
         "AIRFLOW__API__PORT": os.environ.get("LEUKOFLOW_AIRFLOW_PORT", "8080"),
         "NO_PROXY": "*",
+        # `airflow standalone` starts its components as `airflow ...` from PATH
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
     }
