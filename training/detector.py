@@ -17,8 +17,6 @@ callback, which would otherwise call autolog and end our run.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 import os
@@ -34,15 +32,17 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from training.config import Config, load_config
+from training.config import Config
+from training.entry import run_candidate_entry
 from training.errors import (
     ConfigError,
     DataValidationError,
-    LeukoflowError,
     RegistryError,
     TrainingError,
 )
 from training.records import Candidate
+from training.registry import download_champion
+from training.tracking import pinned_requirements
 
 __all__ = [
     "configure_ultralytics",
@@ -389,33 +389,17 @@ def _evaluate(
 
 def _champion(cfg: Config, dest: Path) -> tuple[str, Path, dict[str, Any]] | None:
     """The champion's version, local model dir and metadata; None when there is none yet."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    name = cfg.mlflow.detector_name
-    try:
-        mv = MlflowClient().get_model_version_by_alias(name, "champion")
-    except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-            return None
-        raise RegistryError(f"cannot read the champion alias of {name}: {exc}") from exc
-    local = Path(mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dest)))
+    found = download_champion(cfg, "detector", dest)
+    if found is None:
+        return None
+    version, local = found
     _, meta = _read_model_dir(local)
-    return str(mv.version), local, meta
+    return version, local, meta
 
 
 def _pip_requirements() -> list[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    reqs = []
-    for pkg in ("mlflow", "ultralytics", "torch", "torchvision", "pillow", "numpy", "pandas"):
-        try:
-            reqs.append(f"{pkg}=={version(pkg)}")
-        except PackageNotFoundError:
-            reqs.append(pkg)
-    return reqs
+    return pinned_requirements(
+        ("mlflow", "ultralytics", "torch", "torchvision", "pillow", "numpy", "pandas"))
 
 
 def _fields(cfg: Config, dataset_version: int | None) -> tuple[pd.DataFrame, Any]:
@@ -565,35 +549,13 @@ def detect(model: Any, image: Any, imgsz: int, conf: float = 0.25) -> list[dict]
 # ---------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
     """``python -m training.detector --out candidate.json``: train, judge, write the Candidate."""
-    parser = argparse.ArgumentParser(prog="python -m training.detector", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset-version", type=int, default=None,
-                        help="curated manifest version (default: the newest)")
-    parser.add_argument("--parent-run-id", default=None, help="MLflow run to nest under")
-    parser.add_argument("--tags-json", default=None, help="JSON object of MLflow run tags")
-    parser.add_argument("--out", type=Path, required=True, help="where to write the Candidate")
-    args = parser.parse_args(argv)
     disable_mlflow_telemetry()
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        tags = json.loads(args.tags_json) if args.tags_json else None
-        if tags is not None and not isinstance(tags, dict):
-            raise ConfigError(f"--tags-json must be a JSON object, got {args.tags_json!r}")
-        cfg = load_config()
-        candidate = train_and_evaluate_detector(cfg, dataset_version=args.dataset_version,
-                                                parent_run_id=args.parent_run_id, tags=tags)
-    except json.JSONDecodeError as exc:
-        print(f"error: --tags-json is not valid JSON: {exc}", file=sys.stderr)
-        return 2
-    except LeukoflowError as exc:
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
-    text = json.dumps(candidate.to_dict(), indent=2, sort_keys=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-    print(json.dumps(candidate.to_dict(), sort_keys=True))
-    return 0
+    return run_candidate_entry(
+        argv, prog="python -m training.detector", doc=__doc__,
+        train=lambda cfg, args, tags: train_and_evaluate_detector(
+            cfg, dataset_version=args.dataset_version, parent_run_id=args.parent_run_id,
+            tags=tags),
+    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import fcntl
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from training.config import Config
@@ -20,8 +21,8 @@ from training.records import Candidate, Promotion
 from training.tracking import configure_mlflow
 
 __all__ = [
-    "ALIASES", "alias_version", "gate", "model_name", "promote", "register", "rollback",
-    "undo_promotion",
+    "ALIASES", "alias_version", "download_champion", "gate", "model_name", "promote", "register",
+    "rollback", "undo_promotion",
 ]
 
 ALIASES = ("champion", "challenger", "previous_champion")
@@ -57,6 +58,23 @@ def alias_version(cfg: Config, name: str, alias: str) -> str | None:
         return str(_client(cfg).get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
+
+
+def download_champion(cfg: Config, family: str, dest: Path) -> tuple[str, Path] | None:
+    """The champion's version and a local copy of its model dir; None when there is none yet."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    name = model_name(cfg, family)
+    try:
+        mv = _client(cfg).get_model_version_by_alias(name, "champion")
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise RegistryError(f"cannot read the champion alias of {name}: {exc}") from exc
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dest))
+    return str(mv.version), Path(local)
 
 
 def gate(cfg: Config, candidate: Candidate) -> tuple[bool, list[str]]:

@@ -5,7 +5,21 @@ from __future__ import annotations
 from training.config import Config
 from training.errors import RegistryError
 
-__all__ = ["configure_mlflow"]
+__all__ = ["configure_mlflow", "pinned_requirements"]
+
+
+def pinned_requirements(packages: tuple[str, ...]) -> list[str]:
+    """``pkg==installed version`` for a logged model, given explicitly so that MLflow does not
+    spend a minute re-importing the model in a subprocess to infer them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for pkg in packages:
+        try:
+            reqs.append(f"{pkg}=={version(pkg)}")
+        except PackageNotFoundError:
+            reqs.append(pkg)
+    return reqs
 
 
 def configure_mlflow(cfg: Config) -> str:
