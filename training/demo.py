@@ -51,7 +51,7 @@ def _airflow(cfg: Config, *args: str, log_name: str) -> None:
     """Run the airflow CLI in the embedded env; full log to a file, key lines to the screen."""
     logs = cfg.home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **airflow_env(cfg)}
+    env = {**os.environ, **airflow_env(cfg), "LEUKOFLOW_DAG_RETRIES": "0"}
     binary = str(Path(sys.executable).with_name("airflow"))
     with open(logs / log_name, "w") as log:
         proc = subprocess.Popen([binary, *args], env=env, stdout=subprocess.PIPE,
