@@ -29,6 +29,9 @@ __all__ = ["run_demo", "run_dag"]
 
 _SHOW = re.compile(r"\[(leukoflow\.[a-z_.]+)\]|DagRun Finished|new_state=(failed|up_for_retry)|"
                    r"\[error|Traceback")
+# Lines that match _SHOW but tell a person nothing: TF's start-up chatter, the lookup that
+# ends a mapped task's list of results.
+_NOISE = re.compile(r"oneDNN custom operations|absl::InitializeLog|XCom not found")
 _STRUCTLOG = re.compile(r"^\S+Z \[(\w+)\s*\] (.*?)(?: \[[\w.]+\])?(?: loc=\S+.*)?$")
 
 
@@ -59,7 +62,7 @@ def _airflow(cfg: Config, *args: str, log_name: str) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
-            if _SHOW.search(line) and "XCom not found" not in line:  # end of a mapped list
+            if _SHOW.search(line) and not _NOISE.search(line):
                 click.echo("    " + _readable(line.rstrip())[:200])
         code = proc.wait()
     if code != 0:
