@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 PREDICT_BATCH = 32  # images per forward pass when predicting arrays
 LATENCY_IMAGES = 32  # test images timed one by one for latency_ms_per_image
+GRADCAM_IMAGES = 8  # test images shown in the run's gradcam/grid.png
 
 
 # ------------------------------------------------------------------------------ serving
@@ -201,6 +202,44 @@ def _predictions_table(test: pd.DataFrame, y_prob: np.ndarray, classes: list[str
         table[f"p_{cls}"] = y_prob[:, j]
     table["predicted"] = [classes[i] for i in y_prob.argmax(axis=1)]
     return table
+
+
+def _gradcam_rows(y: np.ndarray, n: int) -> list[int]:
+    """Up to ``n`` test rows, one class after the other in turn, so every class is shown."""
+    by_class = [list(np.flatnonzero(y == c)) for c in np.unique(y)]
+    picked: list[int] = []
+    while len(picked) < n and any(by_class):
+        for rows in by_class:
+            if rows and len(picked) < n:
+                picked.append(int(rows.pop(0)))
+    return picked
+
+
+def _log_gradcam(model: Any, test: pd.DataFrame, y: np.ndarray, classes: list[str],
+                 params: PreprocessParams, layer: str, work: Path) -> None:
+    """Grad-CAM of a few test images at the model's ``gradcam_layer`` -> ``gradcam/grid.png``.
+
+    An explanation artifact must not sink a finished training run: a failure is logged as a
+    warning and a ``gradcam_error`` tag instead.
+    """
+    import mlflow
+
+    from training.gradcam import save_gradcam_grid
+    from training.models.pipeline import load_uint8
+
+    rows = _gradcam_rows(y, GRADCAM_IMAGES)
+    if not rows:
+        return
+    images = np.stack([load_uint8(test["path"].iloc[i], params).astype(np.float32)
+                       for i in rows])
+    try:
+        path = save_gradcam_grid(model, images, y[rows], classes, work / "gradcam" / "grid.png",
+                                 layer_name=layer or None)
+    except Exception as exc:  # noqa: BLE001 - TF raises many kinds; the run itself succeeded
+        log.warning("Grad-CAM grid failed at layer %r: %s", layer, exc)
+        mlflow.set_tag("gradcam_error", f"{type(exc).__name__}: {exc}"[:5000])
+        return
+    mlflow.log_artifact(str(path), artifact_path="gradcam")
 
 
 def _champion(cfg: Config, dest: Path) -> tuple[str, Path] | None:
@@ -425,6 +464,8 @@ def train_and_evaluate(
         meta = {"family": "classifier", "architecture": architecture, "classes": classes,
                 "preprocess": params.to_dict(), "positive_class": positive,
                 "gradcam_layer": spec.gradcam_layer, "split_kind": split_kind}
+        _log_gradcam(model, part["test"], y["test"], classes, params, meta["gradcam_layer"],
+                     work)
         _log_model(model, work, meta, params.image_size)
         del model
 

@@ -49,6 +49,7 @@ def main(ctx: click.Context, config_path: str | None, home: str | None, verbose:
     """leukoflow: validate WBC image batches, retrain, register and serve models."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)
     overrides = {"home": home} if home else {}
     ctx.obj = {"cfg": load_config(config_path, **overrides)}
 

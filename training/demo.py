@@ -126,8 +126,8 @@ def _requests(cfg: Config) -> None:
         click.echo(f"    POST /detect -> {r.status_code}: {len(body['boxes'])} box(es), "
                    f"model={body['model']}")
         for box in body["boxes"][:5]:
-            click.echo("      " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else
-                                            f"{k}={v}" for k, v in box.items()))
+            click.echo(f"      {box['label']} ({box['confidence']:.2f}) at x1={box['x1']:.0f} "
+                       f"y1={box['y1']:.0f} x2={box['x2']:.0f} y2={box['y2']:.0f}")
         r = http.post("/classify", files={"image": ("cell.png", cell, "image/png")})
         click.echo(f"    POST /classify without a key -> {r.status_code} {r.text.strip()[:120]}")
         if r.status_code != 401:
