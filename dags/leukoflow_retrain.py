@@ -65,14 +65,15 @@ def retrain():
                       overrides=params.get("config"))]
 
     @task
-    def promote(classifiers: list[dict], detectors: list, dataset: dict, params=None,
-                run_id=None) -> list[dict]:
+    def promote(classifiers: list[dict], detectors: list, dataset: dict, parent_run_id: str,
+                params=None, run_id=None) -> list[dict]:
         from training.pipeline import git_sha, promote_best
 
         tags = {"airflow_run_id": run_id, "git_sha": git_sha(),
                 "dataset_manifest_sha256": dataset["manifest_sha256"],
                 "batch_ids": ",".join(dataset["batch_ids"])}
-        return promote_best(config_from(params), [*classifiers, *detectors], tags)
+        return promote_best(config_from(params), [*classifiers, *detectors], tags,
+                            parent_run_id=parent_run_id)
 
     @task
     def publish(promotions: list[dict], params=None) -> dict:
@@ -86,7 +87,7 @@ def retrain():
         architecture=architectures()
     )
     detectors = train_detector(dataset, parent)
-    publish(promote(classifiers, detectors, dataset))
+    publish(promote(classifiers, detectors, dataset, parent))
 
 
 retrain()

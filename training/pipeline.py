@@ -133,14 +133,37 @@ def train(
     return candidate.to_dict()
 
 
-def promote_best(cfg: Config, candidates: list[dict[str, Any]],
-                 tags: dict[str, str]) -> list[dict[str, Any]]:
+def log_comparison(cfg: Config, candidates: list[Candidate], parent_run_id: str) -> None:
+    """The papers' table (accuracy, precision, recall, F1, parameters...) across architectures,
+    as CSV, markdown and a chart on the DAG run's parent MLflow run."""
+    import mlflow
+
+    from training.evaluation import save_comparison
+    from training.tracking import configure_mlflow
+
+    rows = [c.to_dict() for c in candidates if c.family == "classifier"]
+    if not rows:
+        return
+    configure_mlflow(cfg)
+    with tempfile.TemporaryDirectory(prefix="leukoflow-cmp-") as tmp:
+        paths = save_comparison(rows, Path(tmp))
+        client = mlflow.MlflowClient()
+        for path in paths:
+            client.log_artifact(parent_run_id, str(path), "comparison")
+        log.info("comparison of %d architecture(s):\n%s", len(rows),
+                 (Path(tmp) / "comparison.md").read_text())
+
+
+def promote_best(cfg: Config, candidates: list[dict[str, Any]], tags: dict[str, str],
+                 parent_run_id: str | None = None) -> list[dict[str, Any]]:
     """Per family, register the best candidate and let the gate decide on ``champion``."""
     from training.registry import promote
 
     by_family: dict[str, list[Candidate]] = {}
     for c in map(Candidate.from_dict, candidates):
         by_family.setdefault(c.family, []).append(c)
+    if parent_run_id:
+        log_comparison(cfg, [c for cs in by_family.values() for c in cs], parent_run_id)
     promotions = []
     for family, cands in sorted(by_family.items()):
         metric = cfg.gate.classifier_metric if family == "classifier" else cfg.gate.detector_metric
