@@ -142,7 +142,8 @@ def _where(cfg: Config) -> None:
     env = airflow_env(cfg)
     click.echo(f"""
     MLflow store   {cfg.tracking_uri}   artifacts {cfg.artifact_root}
-    Data Docs      {cfg.gx_dir}/uncommitted/data_docs/local_site/index.html
+    Data Docs      {cfg.gx_dir}/gx/uncommitted/data_docs/local_site/ (each batch's
+                   page is linked from its report; the index needs internet for its scripts)
     Reports        {cfg.reports_dir}/<batch_id>/ (summary.json, quarantine.html)
     Curated store  {cfg.uri('curated')}   quarantine {cfg.uri('quarantine')}
     Bentos         {cfg.bentoml_home}

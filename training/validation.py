@@ -318,9 +318,13 @@ def _checkpoint(ctx: Any, cfg: Config) -> Any:
     ))
 
 
-def data_docs_index(ctx: Any) -> Path | None:
-    """The local Data Docs site's ``index.html``, if it has been built."""
-    for site in ctx.get_docs_sites_urls():
+def data_docs_index(ctx: Any, resource_identifier: Any = None) -> Path | None:
+    """The local Data Docs page of one validation run (or the site's ``index.html``).
+
+    The run's own page is what a steward needs: it is static HTML, whereas the index lists
+    runs with JavaScript from CDNs and shows nothing offline.
+    """
+    for site in ctx.get_docs_sites_urls(resource_identifier=resource_identifier):
         url = site.get("site_url") or ""
         if url.startswith("file://"):
             path = Path(unquote(urlparse(url).path))
@@ -400,7 +404,8 @@ def run_suite(cfg: Config, frame: pd.DataFrame, run_name: str) -> SuiteOutcome:
     return SuiteOutcome(
         success=bool(result.success), reasons=reasons, warnings=warnings,
         table_failures=sorted(set(table_failures)), soft_failures=sorted(set(soft_failures)),
-        expectations=summary, data_docs=data_docs_index(ctx),
+        expectations=summary,
+        data_docs=data_docs_index(ctx, next(iter(result.run_results), None)),
     )
 
 
