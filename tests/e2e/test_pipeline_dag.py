@@ -53,12 +53,16 @@ def test_both_dags_succeeded(chain):
 def test_champions_registered_with_lineage(chain):
     from mlflow import MlflowClient
 
+    from training.dataset import load_manifest
+
     cfg, batches, _ = chain
+    _, dataset = load_manifest(cfg)  # one version per accepted batch: the newest was trained on
     client = MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.tracking_uri)
     for name in (cfg.mlflow.classifier_name, cfg.mlflow.detector_name):
         mv = client.get_model_version_by_alias(name, "champion")
         assert mv.tags["gate_passed"] == "true"
-        assert mv.tags["dataset_version"] == "1"
+        assert mv.tags["dataset_version"] == str(dataset.version)
+        assert mv.tags["dataset_manifest_sha256"] == dataset.manifest_sha256
         assert set(mv.tags["batch_ids"].split(",")) == set(batches)
         assert mv.tags["airflow_run_id"]
 
