@@ -150,8 +150,8 @@ def log_comparison(cfg: Config, candidates: list[Candidate], parent_run_id: str)
         client = mlflow.MlflowClient()
         for path in paths:
             client.log_artifact(parent_run_id, str(path), "comparison")
-        log.info("comparison of %d architecture(s):\n%s", len(rows),
-                 (Path(tmp) / "comparison.md").read_text())
+        log.info("comparison of %d architecture(s) logged to run %s under comparison/",
+                 len(rows), parent_run_id)
 
 
 def promote_best(cfg: Config, candidates: list[dict[str, Any]], tags: dict[str, str],
