@@ -16,8 +16,6 @@ TensorFlow/Keras are imported inside functions: importing this module stays chea
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 import os
@@ -31,16 +29,18 @@ import pandas as pd
 import yaml
 from PIL import Image
 
-from training.config import Config, load_config
+from training.config import Config
+from training.entry import run_candidate_entry
 from training.errors import (
     ConfigError,
     DataValidationError,
-    LeukoflowError,
     RegistryError,
     TrainingError,
 )
 from training.preprocess import PreprocessParams, preprocess_image
 from training.records import Candidate
+from training.registry import download_champion
+from training.tracking import pinned_requirements
 
 __all__ = [
     "load_classifier", "load_keras_model", "main", "predict_array", "predict_proba",
@@ -244,20 +244,7 @@ def _log_gradcam(model: Any, test: pd.DataFrame, y: np.ndarray, classes: list[st
 
 def _champion(cfg: Config, dest: Path) -> tuple[str, Path] | None:
     """The champion's version and local model dir; None when there is none yet."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    name = cfg.mlflow.classifier_name
-    try:
-        mv = MlflowClient().get_model_version_by_alias(name, "champion")
-    except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-            return None
-        raise RegistryError(f"cannot read the champion alias of {name}: {exc}") from exc
-    local = mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dest))
-    return str(mv.version), Path(local)
+    return download_champion(cfg, "classifier", dest)
 
 
 def _evaluate_champion(
@@ -283,15 +270,8 @@ def _evaluate_champion(
 
 
 def _pip_requirements() -> list[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    reqs = []
-    for pkg in ("mlflow", "tensorflow-cpu", "keras", "numpy", "pillow", "pyyaml", "pandas"):
-        try:
-            reqs.append(f"{pkg}=={version(pkg)}")
-        except PackageNotFoundError:
-            reqs.append(pkg)
-    return reqs
+    return pinned_requirements(
+        ("mlflow", "tensorflow-cpu", "keras", "numpy", "pillow", "pyyaml", "pandas"))
 
 
 def _flat_params(hp: dict[str, Any]) -> dict[str, Any]:
@@ -489,39 +469,12 @@ def train_and_evaluate(
 # ---------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
     """``python -m training.classifier --architecture NAME --out candidate.json``."""
-    parser = argparse.ArgumentParser(prog="python -m training.classifier", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--architecture", default=None,
-                        help="architecture name (default: the config's first)")
-    parser.add_argument("--dataset-version", type=int, default=None,
-                        help="curated manifest version (default: the newest)")
-    parser.add_argument("--parent-run-id", default=None, help="MLflow run to nest under")
-    parser.add_argument("--tags-json", default=None, help="JSON object of MLflow run tags")
-    parser.add_argument("--out", type=Path, required=True, help="where to write the Candidate")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        tags = json.loads(args.tags_json) if args.tags_json else None
-        if tags is not None and not isinstance(tags, dict):
-            raise ConfigError(f"--tags-json must be a JSON object, got {args.tags_json!r}")
-        cfg = load_config()
-        architecture = args.architecture or cfg.classifier.architectures[0]
-        candidate = train_and_evaluate(cfg, architecture, dataset_version=args.dataset_version,
-                                       parent_run_id=args.parent_run_id, tags=tags)
-    except json.JSONDecodeError as exc:
-        print(f"error: --tags-json is not valid JSON: {exc}", file=sys.stderr)
-        return 2
-    except LeukoflowError as exc:
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
-    text = json.dumps(candidate.to_dict(), indent=2, sort_keys=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-    print(json.dumps(candidate.to_dict(), sort_keys=True))
-    return 0
+    return run_candidate_entry(
+        argv, prog="python -m training.classifier", doc=__doc__, architecture=True,
+        train=lambda cfg, args, tags: train_and_evaluate(
+            cfg, args.architecture or cfg.classifier.architectures[0],
+            dataset_version=args.dataset_version, parent_run_id=args.parent_run_id, tags=tags),
+    )
 
 
 if __name__ == "__main__":
