@@ -101,7 +101,22 @@ def gate(cfg: Config, candidate: Candidate) -> tuple[bool, list[str]]:
         f"{champ[metric]:.4f} - allowed regression {cfg.gate.max_regression:.4f} "
         f"(same test set {candidate.test_set_sha256[:12]}, split {candidate.split_kind})"
     )
+    reasons.extend(_significance(metric, candidate.metrics, champ))
     return ok and better, reasons
+
+
+def _significance(metric: str, cand: dict[str, float], champ: dict[str, float]) -> list[str]:
+    """Say whether the bootstrap 95 % CIs of candidate and champion overlap (informational:
+    with a small test set most differences are noise, and the reviewer should see that)."""
+    keys = (f"{metric}_ci_low", f"{metric}_ci_high")
+    if not all(k in cand and k in champ for k in keys):
+        return []
+    a, b = (cand[k] for k in keys)
+    c, d = (champ[k] for k in keys)
+    overlap = a <= d and c <= b
+    verdict = "overlap: the difference is not significant" if overlap else \
+        "do not overlap: the difference is significant"
+    return [f"95% CIs candidate [{a:.3f}, {b:.3f}] vs champion [{c:.3f}, {d:.3f}] {verdict}"]
 
 
 def register(cfg: Config, candidate: Candidate, tags: dict[str, str] | None = None) -> str:

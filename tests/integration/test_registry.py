@@ -54,6 +54,18 @@ def test_first_passes_worse_blocked_better_promoted_and_rollback(cfg):
     assert alias_version(cfg, name, "champion") == "1"
 
 
+def test_gate_says_whether_the_difference_is_significant(cfg):
+    from training.registry import gate
+
+    cand = _candidate(cfg, 0.80, champion=("1", 0.78))
+    cand.metrics |= {"balanced_accuracy_ci_low": 0.7, "balanced_accuracy_ci_high": 0.9}
+    cand.champion_metrics |= {"balanced_accuracy_ci_low": 0.68, "balanced_accuracy_ci_high": 0.88}
+    passed, reasons = gate(cfg, cand)
+    assert passed and "not significant" in reasons[-1]
+    cand.champion_metrics |= {"balanced_accuracy_ci_low": 0.5, "balanced_accuracy_ci_high": 0.6}
+    assert gate(cfg, cand)[1][-1].endswith("the difference is significant")
+
+
 def test_floor_blocks_even_without_champion(cfg):
     cfg.gate.classifier_floor = 0.6
     p = promote(cfg, _candidate(cfg, 0.5))
