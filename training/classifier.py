@@ -141,12 +141,6 @@ def _cells(cfg: Config, dataset_version: int | None) -> tuple[pd.DataFrame, Any]
     return materialize(cfg, cells, cfg.home / "cache").reset_index(drop=True), ds
 
 
-def _split_kind(test: pd.DataFrame) -> str:
-    """'subject' when every test image carries a subject id (groups kept apart), else 'image'."""
-    subjects = test["subject_id"].fillna("").astype(str).str.strip()
-    return "subject" if (subjects != "").all() else "image"
-
-
 # ------------------------------------------------------------------------------ training
 def _epoch_logger(run_id: str) -> Any:
     """A Keras callback sending each epoch's losses, accuracies and lr to MLflow, step=epoch."""
@@ -379,7 +373,7 @@ def train_and_evaluate(
     bootstrap CIs, plots, per-image predictions, the pyfunc model and ``candidate.json``.
     """
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from training.dataset import test_set_sha256
+    from training.dataset import measured_split_kind, test_set_sha256
     from training.evaluation import save_classification_plots
     from training.models import build_model, count_params, get_spec, resolve_hparams
     from training.tracking import configure_mlflow
@@ -396,7 +390,7 @@ def train_and_evaluate(
     index = {c: i for i, c in enumerate(classes)}
     part = {s: cells[cells["split"] == s].reset_index(drop=True) for s in SPLITS}
     y = {s: part[s]["label"].map(index).to_numpy(dtype=np.int64) for s in SPLITS}
-    split_kind = _split_kind(part["test"])
+    split_kind = measured_split_kind(cells)
     test_sha = test_set_sha256(cells)
     spec = get_spec(architecture)
     try:

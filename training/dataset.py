@@ -26,7 +26,7 @@ from training.storage import Storage, open_storage
 
 __all__ = [
     "MANIFEST_COLUMNS", "assign_splits", "curated_storage", "latest_version", "load_manifest",
-    "materialize", "split_group", "test_set_sha256", "write_manifest",
+    "materialize", "measured_split_kind", "split_group", "test_set_sha256", "write_manifest",
 ]
 
 MANIFEST_COLUMNS = [
@@ -134,6 +134,19 @@ def assign_splits(df: pd.DataFrame, cfg: Config) -> pd.DataFrame:
             counts[chosen] += int(size_of[group])
             known[group] = chosen
     return df.drop(columns="_stratum")
+
+
+def measured_split_kind(rows: pd.DataFrame) -> str:
+    """'subject' only if every test row has a subject and no test subject is in train/val.
+
+    Measured from the rows, not assumed from the config: C-NMC split at image level has
+    subject ids everywhere, yet its subjects sit on both sides, so it is an 'image' split.
+    """
+    subjects = rows["subject_id"].fillna("").astype(str).str.strip()
+    test = rows["split"] == "test"
+    if not test.any() or (subjects[test] == "").any():
+        return "image"
+    return "image" if set(subjects[test]) & set(subjects[~test]) else "subject"
 
 
 def test_set_sha256(df: pd.DataFrame) -> str:

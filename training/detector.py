@@ -429,7 +429,7 @@ def train_and_evaluate_detector(
     pyfunc model and ``candidate.json``.
     """
     disable_mlflow_telemetry()
-    from training.dataset import test_set_sha256
+    from training.dataset import measured_split_kind, test_set_sha256
     from training.detector_pyfunc import DetectorModel
     from training.tracking import configure_mlflow
 
@@ -442,8 +442,7 @@ def train_and_evaluate_detector(
     classes = list(cfg.data.detector_classes)
     det = cfg.detector
     arch = Path(det.model).stem
-    has_subjects = bool((fields["subject_id"].fillna("").astype(str) != "").all())
-    split_kind = "subject" if has_subjects else "image"
+    split_kind = measured_split_kind(fields)
     test_sha = test_set_sha256(fields)
     device = _device()
     model = _build_model(cfg)  # before the run: a bad model spec leaves no failed run behind

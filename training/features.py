@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from training.config import Config, load_config
+from training.dataset import measured_split_kind
 from training.errors import ConfigError, DataValidationError, LeukoflowError, TrainingError
 
 __all__ = [
@@ -62,19 +63,6 @@ def default_feature_layer(architecture: str) -> str:
     the custom-head ResNet50: ``conv5_block3_out``, global-average-pooled to 2048-d.
     """
     return _FEATURE_LAYERS.get(architecture, "head_gap")
-
-
-def measured_split_kind(rows: pd.DataFrame) -> str:
-    """'subject' only if every test row has a subject and no test subject is in train/val.
-
-    Measured from the rows, not assumed from the config: C-NMC split at image level has
-    subject ids everywhere, yet its subjects sit on both sides, so it is an 'image' split.
-    """
-    subjects = rows["subject_id"].fillna("").astype(str).str.strip()
-    test = rows["split"] == "test"
-    if not test.any() or (subjects[test] == "").any():
-        return "image"
-    return "image" if set(subjects[test]) & set(subjects[~test]) else "subject"
 
 
 @dataclass
