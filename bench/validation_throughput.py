@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import sys
 import time
@@ -30,17 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from training.importers import import_batch  # noqa: E402
+from training.localenv import cpu_model  # noqa: E402
 from training.metadata import extract_metadata, resolve_workers  # noqa: E402
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _bare_decode(paths: list[Path]) -> None:
@@ -92,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     n = len(paths)
     result = {
         "data": str(args.data), "layout": layout, "images": n, "workers": workers,
-        "cpus": os.cpu_count(), "cpu_model": _cpu_model(), "repeat": args.repeat,
+        "cpus": os.cpu_count(), "cpu_model": cpu_model(), "repeat": args.repeat,
         "bare_decode_s": round(bare_s, 3), "bare_decode_images_per_s": round(n / bare_s, 1),
         "metadata_s": round(meta_s, 3), "metadata_images_per_s": round(n / meta_s, 1),
         "ratio_metadata_to_bare": round(meta_s / bare_s, 3),

@@ -41,6 +41,7 @@ import yaml
 from training.config import Config, load_config
 from training.errors import ConfigError, DataValidationError, TrainingError
 from training.features import measured_split_kind, sweep_markdown
+from training.localenv import cpu_model
 from training.models import resolve_hparams
 from training.records import Candidate
 
@@ -288,16 +289,6 @@ def _features(config_path: Path, candidate: Candidate, version: int, parent_run_
 
 
 # ------------------------------------------------------------------------------ report
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _ci(metrics: dict[str, Any], key: str) -> str:
     value = metrics.get(key)
     if value is None or not math.isfinite(float(value)):
@@ -481,7 +472,7 @@ def run_experiment(
             mlflow.log_metrics({f"baseline/{k}": float(v) for k, v in baseline.items()
                                 if isinstance(v, float) and math.isfinite(v)})
     result["timings"] = clock.times
-    result["machine"] = {"cpu_model": _cpu_model(), "cpus": os.cpu_count(),
+    result["machine"] = {"cpu_model": cpu_model(), "cpus": os.cpu_count(),
                          "load_before": load_before, "load_after": round(os.getloadavg()[0], 2),
                          "python": platform.python_version()}
     report = report_markdown(result)

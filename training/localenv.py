@@ -7,12 +7,13 @@ subprocesses all use it, so every component finds the same SQLite files and fold
 from __future__ import annotations
 
 import os
+import platform
 import sys
 from pathlib import Path
 
 from training.config import Config
 
-__all__ = ["REPO", "airflow_env", "service_env"]
+__all__ = ["REPO", "airflow_env", "cpu_model", "service_env"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,3 +56,14 @@ def airflow_env(cfg: Config) -> dict[str, str]:
         # `airflow standalone` starts its components as `airflow ...` from PATH
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
     }
+
+
+def cpu_model() -> str:
+    """The CPU's name, for benchmark records (results are only comparable on the same one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.netguard import net_guard_env
 from training import dataset
 from training.config import load_config
 from training.dataset import load_manifest, write_manifest
@@ -29,25 +30,6 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ["all", "hem"]
 ARCH = "vgg16"  # the quickest backbone to trace on CPU; every architecture is in the unit tests
-
-_NET_GUARD = textwrap.dedent("""
-    import os, socket
-    _log = os.environ["NET_ATTEMPTS_LOG"]
-    def _record(what):
-        with open(_log, "a") as f:
-            f.write(repr(what) + "\\n")
-    _getaddrinfo, _connect = socket.getaddrinfo, socket.socket.connect
-    def getaddrinfo(host, *a, **k):
-        if host not in (None, "localhost", "127.0.0.1", "::1"):
-            _record(("getaddrinfo", host))
-        return _getaddrinfo(host, *a, **k)
-    def connect(self, address):
-        if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in (
-                "127.0.0.1", "::1", "localhost"):
-            _record(("connect", address))
-        return _connect(self, address)
-    socket.getaddrinfo, socket.socket.connect = getaddrinfo, connect
-""")
 
 _CONFIG = textwrap.dedent("""
     classifier:
@@ -109,15 +91,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     home = tmp_path_factory.mktemp("home")
     (home / "leukoflow.yaml").write_text(_CONFIG)
     version = _curate_cells(home)
-    guard = home / "guard"
-    guard.mkdir()
-    (guard / "sitecustomize.py").write_text(_NET_GUARD)
-    net_log = home / "net_attempts.log"
+    guard_env = net_guard_env(home, ROOT)
+    net_log = Path(guard_env["NET_ATTEMPTS_LOG"])
     out = home / "candidate.json"
     proc = _train(home, out, "--architecture", ARCH, "--dataset-version", str(version),
                   "--tags-json", json.dumps({"airflow_run_id": "test-run"}),
-                  PYTHONPATH=os.pathsep.join([str(guard), str(ROOT)]),
-                  NET_ATTEMPTS_LOG=str(net_log))
+                  **guard_env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {"home": home, "version": version, "out": out, "proc": proc, "net_log": net_log}
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.netguard import net_guard_env
 from training.config import load_config
 from training.dataset import assign_splits, write_manifest
 
@@ -28,26 +29,6 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ["WBC"]
-
-_NET_GUARD = textwrap.dedent("""
-    import os, socket
-    _log = os.environ["NET_ATTEMPTS_LOG"]
-    def _record(what):
-        with open(_log, "a") as f:
-            f.write(repr(what) + "\\n")
-    _getaddrinfo, _connect = socket.getaddrinfo, socket.socket.connect
-    def getaddrinfo(host, *a, **k):
-        if host not in (None, "localhost", "127.0.0.1", "::1"):
-            _record(("getaddrinfo", host))
-        return _getaddrinfo(host, *a, **k)
-    def connect(self, address):
-        if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in (
-                "127.0.0.1", "::1", "localhost"):
-            _record(("connect", address))
-        return _connect(self, address)
-    socket.getaddrinfo, socket.socket.connect = getaddrinfo, connect
-""")
-
 
 def _child_env(home: Path, **extra: str) -> dict[str, str]:
     """The child's environment: this home, CPU only, and not marked as a test (MLflow
@@ -84,17 +65,14 @@ def _curate_fields(home: Path, n_images: int, size: tuple[int, int], seed: int =
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     home = tmp_path_factory.mktemp("home")
     version = _curate_fields(home, n_images=16, size=(320, 240))
-    guard = home / "guard"
-    guard.mkdir()
-    (guard / "sitecustomize.py").write_text(_NET_GUARD)
-    net_log = home / "net_attempts.log"
+    guard_env = net_guard_env(home, ROOT)
+    net_log = Path(guard_env["NET_ATTEMPTS_LOG"])
     env = _child_env(
         home,
         LEUKOFLOW_DETECTOR__IMGSZ="96",
         LEUKOFLOW_DETECTOR__EPOCHS="1",
         LEUKOFLOW_DETECTOR__BATCH="8",
-        PYTHONPATH=os.pathsep.join([str(guard), str(ROOT)]),
-        NET_ATTEMPTS_LOG=str(net_log),
+        **guard_env,
     )
     out = home / "candidate.json"
     proc = subprocess.run(
