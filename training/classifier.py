@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -372,7 +371,6 @@ def train_and_evaluate(
     hyperparameters, ``config.json``, per-epoch metrics (step = epoch), test metrics with
     bootstrap CIs, plots, per-image predictions, the pyfunc model and ``candidate.json``.
     """
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from training.dataset import measured_split_kind, test_set_sha256
     from training.evaluation import save_classification_plots
     from training.models import build_model, count_params, get_spec, resolve_hparams

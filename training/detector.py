@@ -47,7 +47,6 @@ from training.tracking import pinned_requirements
 __all__ = [
     "configure_ultralytics",
     "detect",
-    "disable_mlflow_telemetry",
     "load_detector",
     "main",
     "train_and_evaluate_detector",
@@ -124,11 +123,6 @@ def _ship_fonts(config_dir: Path) -> None:
         target = config_dir / name
         if not target.exists() and source.is_file():
             shutil.copyfile(source, target)
-
-
-def disable_mlflow_telemetry() -> None:
-    """MLflow 3 phones home on import unless told not to; call before ``import mlflow``."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 # ------------------------------------------------------------------------------ dataset
@@ -428,7 +422,6 @@ def train_and_evaluate_detector(
     detector params, ``config.json``, per-epoch metrics (step = epoch), test metrics, the
     pyfunc model and ``candidate.json``.
     """
-    disable_mlflow_telemetry()
     from training.dataset import measured_split_kind, test_set_sha256
     from training.detector_pyfunc import DetectorModel
     from training.tracking import configure_mlflow
@@ -548,7 +541,6 @@ def detect(model: Any, image: Any, imgsz: int, conf: float = 0.25) -> list[dict]
 # ---------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
     """``python -m training.detector --out candidate.json``: train, judge, write the Candidate."""
-    disable_mlflow_telemetry()
     return run_candidate_entry(
         argv, prog="python -m training.detector", doc=__doc__,
         train=lambda cfg, args, tags: train_and_evaluate_detector(

@@ -20,9 +20,19 @@ from training.config import Config, load_config
 from training.errors import ConfigError, LeukoflowError
 from training.records import Candidate
 
-__all__ = ["run_candidate_entry"]
+__all__ = ["child_process_setup", "run_candidate_entry"]
 
 TrainFn = Callable[[Config, argparse.Namespace, dict[str, Any] | None], Candidate]
+
+
+def child_process_setup() -> None:
+    """What every training child process does first: quiet TF start-up, log to stderr.
+
+    (MLflow telemetry is switched off by importing the ``training`` package itself.)
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def run_candidate_entry(argv: list[str] | None, *, prog: str, doc: str | None, train: TrainFn,
@@ -39,10 +49,7 @@ def run_candidate_entry(argv: list[str] | None, *, prog: str, doc: str | None, t
     parser.add_argument("--tags-json", default=None, help="JSON object of MLflow run tags")
     parser.add_argument("--out", type=Path, required=True, help="where to write the Candidate")
     args = parser.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    child_process_setup()
     try:
         tags = json.loads(args.tags_json) if args.tags_json else None
         if tags is not None and not isinstance(tags, dict):

@@ -411,7 +411,6 @@ def run_experiment(
     ``home`` (a throw-away ``LEUKOFLOW_HOME``); the report files under ``out_dir``
     (default ``home/experiment``).
     """
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
     from training.evaluation import save_comparison

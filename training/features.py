@@ -28,7 +28,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -41,6 +40,7 @@ import pandas as pd
 
 from training.config import Config, load_config
 from training.dataset import measured_split_kind
+from training.entry import child_process_setup
 from training.errors import ConfigError, DataValidationError, LeukoflowError, TrainingError
 
 __all__ = [
@@ -191,7 +191,6 @@ def log_feature_results(cfg: Config, feats: DeepFeatures, *, sweep: pd.DataFrame
                         cv_note: str = "") -> str:
     """One MLflow run (nested under ``parent_run_id``): params, per-classifier metrics and
     the tables as artifacts (``features/sweep.csv|md``, ``features/grouped_cv.csv``)."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
     from training.tracking import configure_mlflow
@@ -304,7 +303,6 @@ def extract_deep_features(
     See the module docstring for the order of preference; ``feature_source`` says which one
     was used and why.
     """
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from training.classical import extract_features
     from training.classifier import load_classifier
     from training.dataset import test_set_sha256
@@ -446,10 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-run-id", default=None)
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON result")
     args = parser.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    child_process_setup()
     split = (lambda s: [n for n in s.split(",") if n] if s else None)  # noqa: E731
     names, cv_names = split(args.names), split(args.cv_names) or split(args.names)
     try:
