@@ -23,16 +23,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.classical import CLASSIFIERS  # noqa: E402
-from training.errors import LeukoflowError  # noqa: E402
-from training.experiments import (  # noqa: E402
+from research.experiments import (  # noqa: E402
     DATASETS,
     DEFAULT_CV_NAMES,
     DEFAULT_DATA_ROOT,
     report_markdown,
     run_experiment,
 )
-from training.models import ARCHITECTURES  # noqa: E402
+from training.classifier.architectures import ARCHITECTURES  # noqa: E402
+from training.classifier.classical import CLASSIFIERS  # noqa: E402
+from training.errors import LeukoflowError  # noqa: E402
 
 
 def _names(text: str | None) -> list[str] | None:

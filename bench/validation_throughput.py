@@ -28,9 +28,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.importers import import_batch  # noqa: E402
-from training.localenv import cpu_model  # noqa: E402
-from training.metadata import extract_metadata, resolve_workers  # noqa: E402
+from training.data.importers import import_batch  # noqa: E402
+from training.data.metadata import extract_metadata, resolve_workers  # noqa: E402
+from training.dev.localenv import cpu_model  # noqa: E402
 
 
 def _bare_decode(paths: list[Path]) -> None:

@@ -25,19 +25,19 @@ from leukoflow_dag_support import CURATED_DATASET, DEFAULT_ARGS, TAGS, config_fr
 def ingest_validate():
     @task
     def discover(params=None) -> list[str]:
-        from training.pipeline import discover
+        from training.stages import discover
 
         return discover(config_from(params))
 
     @task(max_active_tis_per_dag=1)
     def validate(batch_id: str, params=None) -> dict:
-        from training.pipeline import validate
+        from training.stages import validate
 
         return validate(config_from(params), batch_id)
 
     @task(outlets=[CURATED_DATASET])
     def emit_dataset(results: list[dict], params=None, outlet_events=None) -> dict:
-        from training.pipeline import curated_dataset
+        from training.stages import curated_dataset
 
         if not any(r["status"] == "accepted" for r in results):
             raise AirflowSkipException("no batch was accepted: the curated dataset is unchanged")

@@ -31,13 +31,13 @@ from leukoflow_dag_support import CURATED_DATASET, DEFAULT_ARGS, TAGS, config_fr
 def retrain():
     @task
     def freeze_dataset(params=None) -> dict:
-        from training.pipeline import curated_dataset
+        from training.stages import curated_dataset
 
         return curated_dataset(config_from(params))
 
     @task
     def start_run(dataset: dict, params=None, run_id=None) -> str:
-        from training.pipeline import start_parent_run
+        from training.stages import start_parent_run
 
         return start_parent_run(config_from(params), run_id, dataset)
 
@@ -48,7 +48,7 @@ def retrain():
     @task(retries=0)
     def train_classifier(architecture: str, dataset: dict, parent_run_id: str, params=None,
                          run_id=None) -> dict:
-        from training.pipeline import train
+        from training.stages import train
 
         return train(config_from(params), "classifier", architecture=architecture,
                      dataset_version=dataset["version"], parent_run_id=parent_run_id,
@@ -56,7 +56,7 @@ def retrain():
 
     @task(retries=0)
     def train_detector(dataset: dict, parent_run_id: str, params=None, run_id=None) -> list:
-        from training.pipeline import train
+        from training.stages import train
 
         if not params.get("train_detector", True) or not dataset.get("n_fields"):
             return []
@@ -67,9 +67,10 @@ def retrain():
     @task
     def promote(classifiers: list[dict], detectors: list, dataset: dict, parent_run_id: str,
                 params=None, run_id=None) -> list[dict]:
-        from training.pipeline import git_sha, promote_best
+        from training.lineage import lineage_tags
+        from training.stages import promote_best
 
-        tags = {"airflow_run_id": run_id, "git_sha": git_sha(),
+        tags = {"airflow_run_id": run_id, **lineage_tags(),
                 "dataset_manifest_sha256": dataset["manifest_sha256"],
                 "batch_ids": ",".join(dataset["batch_ids"])}
         return promote_best(config_from(params), [*classifiers, *detectors], tags,
@@ -77,7 +78,7 @@ def retrain():
 
     @task
     def publish(promotions: list[dict], params=None) -> dict:
-        from training.pipeline import publish
+        from training.stages import publish
 
         return publish(config_from(params), promotions)
 

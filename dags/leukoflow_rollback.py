@@ -23,14 +23,13 @@ from leukoflow_dag_support import DEFAULT_ARGS, TAGS, config_from
 def rollback():
     @task
     def swap_aliases(params=None) -> dict:
-        from training.registry import rollback
+        from training.stages import rollback
 
-        champion, demoted = rollback(config_from(params), params["model"])
-        return {"model": params["model"], "champion": champion, "demoted": demoted}
+        return rollback(config_from(params), params["model"])
 
     @task
     def republish(swapped: dict, params=None) -> dict:
-        from training.pipeline import publish
+        from training.stages import publish
 
         return publish(config_from(params), [])
 

@@ -11,7 +11,7 @@ its own process. Uploads are decoded and checked once, in the API process, so a 
 4xx there and never reaches a model worker.
 
 Which models: the BentoML models ``leukemia-classifier`` and ``wbc-detector`` (names from the
-config), imported from the MLflow ``champion`` aliases by ``training.publish``. The exact tags
+config), imported from the MLflow ``champion`` aliases by ``training.publish.bento``. The exact tags
 are Bento arguments (``--arg classifier_model=TAG --arg detector_model=TAG``, which the publish
 step passes to ``bentoml build``, so a rollback to an older version serves that version), else
 ``LEUKOFLOW_BENTO_CLASSIFIER`` / ``LEUKOFLOW_BENTO_DETECTOR``, else ``<name>:latest``.
@@ -36,6 +36,7 @@ from starlette.responses import JSONResponse, Response
 from serving.auth import ApiKeyMiddleware
 from serving.decode import BadImage, UploadGuard, decode_upload, read_upload
 from training.config import Config, load_config
+from training.families import get_family
 from training.preprocess import PreprocessParams, preprocess_image
 
 __all__ = [
@@ -45,29 +46,24 @@ __all__ = [
 
 log = logging.getLogger("leukoflow.serving")
 
-CLASSIFIER_TAG_ENV = "LEUKOFLOW_BENTO_CLASSIFIER"
-DETECTOR_TAG_ENV = "LEUKOFLOW_BENTO_DETECTOR"
-
-
 def _config() -> Config:
     return load_config()
 
 
-def _model_tag(env: str, family: str) -> str:
+def _model_tag(family_name: str) -> str:
     """The BentoML model tag a service declares (read at import: BentoML packages it).
 
     Precedence: the Bento argument ``<family>_model`` (``bentoml build/serve --arg``; a built
     Bento keeps it, so it always serves the versions it was built with) > the environment
-    variable ``env`` > ``<registered name>:latest``.
+    variable ``LEUKOFLOW_BENTO_<FAMILY>`` > ``<registered name>:latest``.
     """
-    arg = getattr(bentoml.use_arguments(), f"{family}_model", None)
+    family = get_family(family_name)
+    arg = getattr(bentoml.use_arguments(), family.bento_arg, None)
     if arg:
         return str(arg)
-    if os.environ.get(env):
-        return os.environ[env]
-    cfg = _config()
-    name = cfg.mlflow.classifier_name if family == "classifier" else cfg.mlflow.detector_name
-    return f"{name}:latest"
+    if os.environ.get(family.bento_tag_env):
+        return os.environ[family.bento_tag_env]
+    return f"{family.registered_name(_config())}:latest"
 
 
 # ----------------------------------------------------------------------------- schemas
@@ -109,10 +105,10 @@ def _model_ref(stored: Any, fallback_name: str) -> ModelRef:
 class ClassifierService:
     """The champion Keras classifier (TensorFlow imported here only, in this process)."""
 
-    bento_model = bentoml.models.BentoModel(_model_tag(CLASSIFIER_TAG_ENV, "classifier"))
+    bento_model = bentoml.models.BentoModel(_model_tag("classifier"))
 
     def __init__(self) -> None:
-        from training.classifier import load_classifier, predict_proba
+        from training.classifier.predict import load_classifier, predict_proba
 
         self._predict_proba = predict_proba
         stored = self.bento_model
@@ -140,7 +136,7 @@ class ClassifierService:
     @bentoml.api
     def explain(self, image: PILImage.Image) -> dict[str, Any]:
         """Grad-CAM overlay of the predicted class: ``{"png", "label", "probability", "model"}``."""
-        from training.gradcam import gradcam_heatmap, overlay_png
+        from training.classifier.gradcam import gradcam_heatmap, overlay_png
 
         probs = self._predict_proba(self.model, [image], self.params)[0]
         best = int(probs.argmax())
@@ -161,10 +157,10 @@ class ClassifierService:
 class DetectorService:
     """The champion YOLO detector (torch/Ultralytics imported here only, in this process)."""
 
-    bento_model = bentoml.models.BentoModel(_model_tag(DETECTOR_TAG_ENV, "detector"))
+    bento_model = bentoml.models.BentoModel(_model_tag("detector"))
 
     def __init__(self) -> None:
-        from training.detector import load_detector
+        from training.detector.predict import load_detector
 
         stored = self.bento_model
         self.model, self.metadata = load_detector(Path(stored.path))
@@ -178,7 +174,7 @@ class DetectorService:
 
     @bentoml.api
     def detect(self, image: PILImage.Image) -> Detection:
-        from training.detector import detect
+        from training.detector.predict import detect
 
         boxes = detect(self.model, image, imgsz=self.imgsz)
         return Detection(boxes=[Box(**{k: b[k] for k in Box.model_fields}) for b in boxes],
@@ -192,13 +188,6 @@ class DetectorService:
 # ------------------------------------------------------------------------- public API
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status)
-
-
-def _gradcam_available() -> bool:
-    """Whether ``training.gradcam`` exists, without importing it (it imports TensorFlow)."""
-    import importlib.util
-
-    return importlib.util.find_spec("training.gradcam") is not None
 
 
 @bentoml.service(name="leukoflow", workers=1, traffic={"timeout": 180})
@@ -273,9 +262,6 @@ class LeukoflowAPI:
 
         ``curl -H "Authorization: Bearer $KEY" -F image=@cell.png -o cam.png HOST:3000/explain``
         """
-        if not _gradcam_available():
-            return _error(HTTPStatus.NOT_IMPLEMENTED,
-                          "Grad-CAM is not available in this build (training.gradcam is missing)")
         out = await self._run(image, self.classifier, "explain", "classifier")
         if isinstance(out, Response):
             return out

@@ -1,7 +1,7 @@
 """The BentoML model store side of publishing: MLflow model dir -> BentoML model, idempotently.
 
 Run it in a process whose ``BENTOML_HOME`` is already set (BentoML reads it once, at first use):
-``training.publish`` calls ``python -m serving.store ensure ...`` in a subprocess for exactly
+``training.publish.bento`` calls ``python -m serving.store ensure ...`` in a subprocess for exactly
 that reason, and so that the caller (an Airflow task) never imports BentoML's server stack.
 
 A BentoML model keeps the MLflow model dir as it is (``MLmodel``, ``artifacts/...``) and is

@@ -16,6 +16,7 @@ import click
 
 from training.config import Config, load_config
 from training.errors import LeukoflowError
+from training.families import FAMILIES, get_family
 
 __all__ = ["main"]
 
@@ -76,7 +77,7 @@ def config_show(ctx: click.Context) -> None:
 @click.pass_context
 def synth(ctx: click.Context, seed: int | None, subjects: int, images: int, fields: int) -> None:
     """Generate a synthetic cell batch and a smear-field batch into the landing zone."""
-    from training.landing import land_synthetic_batches
+    from training.dev.synthetic_landing import land_synthetic_batches
 
     ids = land_synthetic_batches(_cfg(ctx), seed=seed, n_subjects_per_class=subjects,
                                  images_per_subject=images, n_fields=fields)
@@ -90,7 +91,7 @@ def synth(ctx: click.Context, seed: int | None, subjects: int, images: int, fiel
 @click.pass_context
 def upload(ctx: click.Context, path: Path, batch_id: str) -> None:
     """Upload a local folder as a batch: every file first, the _READY marker last."""
-    from training.landing import upload_batch
+    from training.data.landing import upload_batch
 
     upload_batch(_cfg(ctx), path, batch_id)
     click.echo(f"landed {batch_id} in {_cfg(ctx).uri('landing')}/{batch_id}")
@@ -100,7 +101,7 @@ def upload(ctx: click.Context, path: Path, batch_id: str) -> None:
 @click.pass_context
 def ingest(ctx: click.Context) -> None:
     """Validate every new complete batch in the landing zone (what ingest_validate does)."""
-    from training.pipeline import discover, validate
+    from training.stages import discover, validate
 
     cfg = _cfg(ctx)
     for batch_id in discover(cfg):
@@ -116,7 +117,7 @@ def ingest(ctx: click.Context) -> None:
 @click.pass_context
 def validate(ctx: click.Context, path: Path, report_dir: Path) -> None:
     """Run the batch validation suite on a local folder without curating anything."""
-    from training.curation import validate_path
+    from training.data.curation import validate_path
 
     result = validate_path(_cfg(ctx), path, report_dir)
     _echo_json(result.to_dict())
@@ -126,19 +127,18 @@ def validate(ctx: click.Context, path: Path, report_dir: Path) -> None:
 
 
 @main.command()
-@click.argument("family", type=click.Choice(["classifier", "detector"]))
+@click.argument("family", type=click.Choice(sorted(FAMILIES)))
 @click.option("--architecture", default=None, help="Classifier architecture (see models list).")
 @click.option("--dataset-version", type=int, default=None, help="Default: newest.")
 @click.pass_context
 def train(ctx: click.Context, family: str, architecture: str | None,
           dataset_version: int | None) -> None:
     """Train and evaluate one candidate in its own process; prints the candidate record."""
-    from training.pipeline import curated_dataset, train
+    from training.stages import curated_dataset, train
 
     cfg = _cfg(ctx)
     version = dataset_version or curated_dataset(cfg)["version"]
-    if family == "classifier":
-        architecture = architecture or cfg.classifier.architectures[0]
+    architecture = architecture or get_family(family).default_architecture(cfg)
     _echo_json(train(cfg, family, architecture=architecture, dataset_version=version))
 
 
@@ -152,7 +152,7 @@ def models() -> None:
 @click.option("--classes", type=int, default=2, show_default=True)
 def models_list(image_size: int | None, classes: int) -> None:
     """Every architecture with its paper, input size and parameter counts."""
-    from training.models.registry import describe_architectures
+    from training.classifier.architectures import describe_architectures
 
     for row in describe_architectures(image_size=image_size, n_classes=classes):
         click.echo("  ".join(f"{k}={v}" for k, v in row.items()))
@@ -167,7 +167,7 @@ def registry() -> None:
 @click.pass_context
 def registry_show(ctx: click.Context) -> None:
     """Aliases and gate decisions of both registered models."""
-    from training.registry import ALIASES, alias_version
+    from training.promotion.aliases import ALIASES, alias_version
 
     cfg = _cfg(ctx)
     for name in (cfg.mlflow.classifier_name, cfg.mlflow.detector_name):
@@ -181,8 +181,8 @@ def registry_show(ctx: click.Context) -> None:
 @click.pass_context
 def rollback(ctx: click.Context, model: str, no_publish: bool) -> None:
     """champion <- previous_champion for MODEL, then republish."""
-    from training.pipeline import publish
-    from training.registry import rollback as do_rollback
+    from training.promotion.aliases import rollback as do_rollback
+    from training.stages import publish
 
     cfg = _cfg(ctx)
     champion, demoted = do_rollback(cfg, model)
@@ -195,7 +195,7 @@ def rollback(ctx: click.Context, model: str, no_publish: bool) -> None:
 @click.pass_context
 def publish(ctx: click.Context) -> None:
     """Build the Bento from the champions, start it on loopback and smoke-test it."""
-    from training.pipeline import publish as do_publish
+    from training.stages import publish as do_publish
 
     _echo_json(do_publish(_cfg(ctx), []))
 
@@ -208,7 +208,7 @@ def serve(ctx: click.Context, port: int | None, source: bool) -> None:
     """Serve the last published Bento (the champions) on loopback until Ctrl-C."""
     import time
 
-    from training.publish import serve as run_server
+    from training.publish.bento import serve as run_server
 
     cfg = _cfg(ctx)
     target = None if source else "leukoflow:latest"
@@ -234,7 +234,7 @@ def keys() -> None:
 @click.pass_context
 def keys_create(ctx: click.Context, name: str, scopes: tuple[str, ...]) -> None:
     """Create a key; the plaintext is shown once."""
-    from serving.auth import create_key
+    from training.apikeys import create_key
 
     token = create_key(_cfg(ctx).api_keys_file, name, list(scopes))
     click.echo(token)
@@ -245,7 +245,7 @@ def keys_create(ctx: click.Context, name: str, scopes: tuple[str, ...]) -> None:
 @click.pass_context
 def keys_revoke(ctx: click.Context, name: str) -> None:
     """Remove a key by name."""
-    from serving.auth import revoke_key
+    from training.apikeys import revoke_key
 
     revoke_key(_cfg(ctx).api_keys_file, name)
     click.echo(f"revoked {name}")
@@ -255,7 +255,7 @@ def keys_revoke(ctx: click.Context, name: str) -> None:
 @click.pass_context
 def demo(ctx: click.Context) -> None:
     """The whole chain on synthetic data through Airflow, then real HTTP requests."""
-    from training.demo import run_demo
+    from training.dev.demo import run_demo
 
     run_demo(_cfg(ctx))
 
@@ -264,7 +264,7 @@ def demo(ctx: click.Context) -> None:
 @click.pass_context
 def up(ctx: click.Context) -> None:
     """Start Airflow (standalone), the MLflow UI and the service on loopback."""
-    from training.localstack import start_all
+    from training.dev.localstack import start_all
 
     start_all(_cfg(ctx))
 
@@ -273,7 +273,7 @@ def up(ctx: click.Context) -> None:
 @click.pass_context
 def down(ctx: click.Context) -> None:
     """Stop what ``leukoflow up`` started."""
-    from training.localstack import stop_all
+    from training.dev.localstack import stop_all
 
     stop_all(_cfg(ctx))
 
@@ -285,7 +285,7 @@ def airflow(ctx: click.Context, args: tuple[str, ...]) -> None:
     """Run the ``airflow`` CLI with the embedded environment (SQLite under home)."""
     import os
 
-    from training.localenv import airflow_env
+    from training.dev.localenv import airflow_env
 
     env = {**os.environ, **airflow_env(_cfg(ctx))}
     (_cfg(ctx).home / "airflow").mkdir(parents=True, exist_ok=True)

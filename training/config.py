@@ -4,7 +4,7 @@ Precedence, rightmost wins: schema defaults < YAML file < ``LEUKOFLOW_*`` enviro
 (nested keys joined by ``__``, e.g. ``LEUKOFLOW_CLASSIFIER__EPOCHS=3``) < explicit overrides
 (CLI flags, Airflow DAG params). The YAML file is ``LEUKOFLOW_CONFIG`` or the ``path`` argument.
 Classifier hyperparameters left ``null`` take the defaults of the chosen architecture, which
-follow the papers (see ``training.models.registry``); the resolved values are logged with
+follow the papers (see ``training.classifier.architectures``); the resolved values are logged with
 every run.
 """
 

@@ -1,7 +1,7 @@
 """The command-line entry both model families share when the DAG trains them in a child process.
 
-``python -m training.classifier`` and ``python -m training.detector`` parse the same flags,
-load the config the same way (file + ``LEUKOFLOW_*`` env), and write the Candidate JSON the
+``python -m training.classifier.train`` and ``python -m training.detector.train`` parse the same
+flags, load the config the same way (file + ``LEUKOFLOW_*`` env), and write the Candidate JSON the
 same way; only the training function differs. Errors of ours exit 2 with one line.
 """
 

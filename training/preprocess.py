@@ -11,11 +11,12 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["PreprocessParams", "decode_image", "otsu_crop", "preprocess_image"]
+__all__ = ["PreprocessParams", "as_images", "decode_image", "otsu_crop", "preprocess_image"]
 
 
 @dataclass(frozen=True)
@@ -90,3 +91,43 @@ def preprocess_image(img: Image.Image, params: PreprocessParams) -> np.ndarray:
     img = img.crop((left, top, left + side, top + side))
     img = img.resize((params.image_size, params.image_size), Image.Resampling.BILINEAR)
     return np.asarray(img, dtype=np.float32)
+
+
+def as_images(model_input: Any) -> list[Image.Image]:
+    """The images an MLflow pyfunc was given, as a list of PIL images (both families accept
+    the same input shapes, so any MLflow client can call either the same way).
+
+    ``model_input``: one image or a list of them, an array ``(n, h, w, 3)``, or a DataFrame
+    whose ``image`` column holds them; an image is a ``PIL.Image``, an RGB ``uint8`` array
+    ``(h, w, 3)``, encoded bytes or a file path. Encoded bytes go through :func:`decode_image`
+    (EXIF orientation, bomb check), as an upload to the endpoint does.
+    """
+    import pandas as pd
+
+    if isinstance(model_input, pd.DataFrame):
+        if "image" not in model_input.columns:
+            raise ValueError(
+                f"a DataFrame input needs an 'image' column, got {list(model_input.columns)}"
+            )
+        items = list(model_input["image"])
+    elif isinstance(model_input, np.ndarray) and model_input.ndim == 4:
+        items = list(model_input)
+    elif isinstance(model_input, list | tuple):
+        items = list(model_input)
+    else:
+        items = [model_input]
+
+    images = []
+    for item in items:
+        if isinstance(item, Image.Image):
+            images.append(item)
+        elif isinstance(item, np.ndarray):
+            images.append(Image.fromarray(np.clip(item, 0, 255).astype(np.uint8)))
+        elif isinstance(item, bytes | bytearray):
+            images.append(decode_image(bytes(item)))
+        elif isinstance(item, str):
+            with open(item, "rb") as fh:
+                images.append(decode_image(fh.read()))
+        else:
+            raise ValueError(f"cannot read an image from a {type(item).__name__}")
+    return images

@@ -18,7 +18,7 @@ HEAVY = ("tensorflow", "torch", "ultralytics", "great_expectations", "bentoml", 
 @pytest.fixture(scope="module")
 def dagbag(tmp_path_factory):
     from training.config import load_config
-    from training.localenv import airflow_env
+    from training.dev.localenv import airflow_env
 
     env = airflow_env(load_config(home=tmp_path_factory.mktemp("home")))
     saved = {k: os.environ.get(k) for k in env}
@@ -56,8 +56,8 @@ def test_tags_and_retries(dagbag, dag_id):
 @pytest.mark.parametrize("path", DAG_FILES, ids=lambda p: p.name)
 def test_parses_without_heavy_imports(path):
     code = (
-        "import sys, runpy, time; sys.path.insert(0, 'plugins'); t = time.perf_counter();"
-        f"runpy.run_path({str(path)!r}); dt = time.perf_counter() - t;"
+        "import sys, runpy; sys.path.insert(0, 'plugins');"
+        f"runpy.run_path({str(path)!r});"
         f"heavy = [m for m in {HEAVY!r} if m in sys.modules];"
         "print(heavy)"
     )

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from training.config import load_config
-from training.landing import land_synthetic_batches
-from training.localenv import airflow_env
+from training.dev.localenv import airflow_env
+from training.dev.synthetic_landing import land_synthetic_batches
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 HERE = Path(__file__).resolve().parent
@@ -53,7 +53,7 @@ def test_both_dags_succeeded(chain):
 def test_champions_registered_with_lineage(chain):
     from mlflow import MlflowClient
 
-    from training.dataset import load_manifest
+    from training.data.dataset import load_manifest
 
     cfg, batches, _ = chain
     _, dataset = load_manifest(cfg)  # one version per accepted batch: the newest was trained on
@@ -80,8 +80,8 @@ def test_service_answers_with_champion_version(chain):
     from mlflow import MlflowClient
 
     from serving.auth import create_key
-    from training.dataset import curated_storage, load_manifest
-    from training.publish import serve
+    from training.data.dataset import curated_storage, load_manifest
+    from training.publish.bento import serve
 
     cfg, _, _ = chain
     client = MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.tracking_uri)

@@ -1,6 +1,6 @@
 """The classifier's subprocess entry end to end on synthetic cells, tiny and on CPU.
 
-Training runs in a child process (``python -m training.classifier``), as the DAG runs it, so
+Training runs in a child process (``python -m training.classifier.train``), as the DAG runs it, so
 TensorFlow never enters the pytest process (which may hold torch from other tests). Loading
 the logged model runs in a child too. A ``sitecustomize`` in the training child records every
 attempt to resolve or connect to a host: the machine is offline, and the run must not try.
@@ -21,9 +21,9 @@ import pandas as pd
 import pytest
 
 from tests.netguard import net_guard_env
-from training import dataset
 from training.config import load_config
-from training.dataset import load_manifest, write_manifest
+from training.data import dataset
+from training.data.dataset import load_manifest, write_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,7 @@ def _child_env(home: Path, **extra: str) -> dict[str, str]:
 
 def _curate_cells(home: Path) -> int:
     """Synthetic C-NMC-like cells -> curated store + manifest with a subject-level split."""
-    from training.synth import make_cell_batch
+    from training.dev.synth import make_cell_batch
 
     files = make_cell_batch(home / "landing" / "synth-cells", n_subjects_per_class=3,
                             images_per_subject=8, size=48, seed=5)
@@ -81,7 +81,7 @@ def _curate_cells(home: Path) -> int:
 
 def _train(home: Path, out: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "training.classifier", "--out", str(out), *args],
+        [sys.executable, "-m", "training.classifier.train", "--out", str(out), *args],
         cwd=ROOT, env=_child_env(home, **env), capture_output=True, text=True, timeout=900,
     )
 
@@ -176,7 +176,8 @@ def test_run_has_params_epoch_metrics_and_artifacts(trained: dict) -> None:
     assert meta["family"] == "classifier" and meta["architecture"] == ARCH
     assert meta["classes"] == CLASSES and meta["positive_class"] == "all"
     assert meta["preprocess"] == {"image_size": 32, "source_size": 450, "segmentation": "none"}
-    assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 32, 32, 3]
+    # raw images in, preprocessed by the pyfunc itself: no tensor signature to enforce
+    assert info.signature is None
 
 
 def test_logged_model_loads_and_predicts_probabilities(trained: dict) -> None:
@@ -186,10 +187,10 @@ def test_logged_model_loads_and_predicts_probabilities(trained: dict) -> None:
         from pathlib import Path
         import mlflow, mlflow.pyfunc, numpy as np, pandas as pd
         from PIL import Image
-        from training.classifier import load_classifier, predict_proba
+        from training.classifier.predict import load_classifier, predict_proba
         from training.config import load_config
-        from training.dataset import load_manifest, materialize
-        from training.preprocess import PreprocessParams, preprocess_image
+        from training.data.dataset import load_manifest, materialize
+        from training.preprocess import PreprocessParams
         from training.tracking import configure_mlflow
 
         cand = json.loads(Path(sys.argv[1]).read_text())
@@ -199,9 +200,11 @@ def test_logged_model_loads_and_predicts_probabilities(trained: dict) -> None:
         test = materialize(cfg, df[df["split"] == "test"], cfg.home / "cache")
         images = [Image.open(p) for p in test["path"]]
         py = mlflow.pyfunc.load_model(cand["model_uri"])
-        params = PreprocessParams.from_dict(py.metadata.metadata["preprocess"])
-        x = np.stack([preprocess_image(im, params) for im in images])
-        probs = np.asarray(py.predict(x))
+        cols = ["p_all", "p_hem"]
+        answer = py.predict(images)  # raw images: the pyfunc preprocesses them itself
+        probs = answer[cols].to_numpy()
+        from_paths = py.predict(pd.DataFrame({"image": list(test["path"])}))[cols].to_numpy()
+        from_bytes = py.predict([Path(p).read_bytes() for p in test["path"]])[cols].to_numpy()
         model_dir = Path(mlflow.artifacts.download_artifacts(cand["model_uri"]))
         model, meta = load_classifier(model_dir)
         direct = predict_proba(model, images, PreprocessParams.from_dict(meta["preprocess"]))
@@ -211,9 +214,13 @@ def test_logged_model_loads_and_predicts_probabilities(trained: dict) -> None:
         print(json.dumps({
             "shape": list(probs.shape), "sums": probs.sum(axis=1).tolist(),
             "pyfunc_vs_direct": float(np.abs(probs - direct).max()),
-            "pyfunc_vs_run": float(np.abs(probs - logged[["p_all", "p_hem"]].to_numpy()).max()),
+            "pyfunc_vs_run": float(np.abs(probs - logged[cols].to_numpy()).max()),
+            "paths_vs_images": float(np.abs(from_paths - probs).max()),
+            "bytes_vs_images": float(np.abs(from_bytes - probs).max()),
+            "labels_are_argmax": list(answer["label"]) == [
+                cols[i][2:] for i in probs.argmax(axis=1)],
             "empty": list(predict_proba(model, [], PreprocessParams(32)).shape),
-            "single": list(np.asarray(py.predict(x[:1])).shape),
+            "single": list(py.predict(images[0]).shape),
         }))
     """)
     proc = subprocess.run([sys.executable, "-c", script, str(trained["out"])], cwd=ROOT,
@@ -225,7 +232,9 @@ def test_logged_model_loads_and_predicts_probabilities(trained: dict) -> None:
     assert got["sums"] == pytest.approx([1.0] * 16, abs=1e-5)
     assert got["pyfunc_vs_direct"] < 1e-5  # serving's path == the pyfunc's
     assert got["pyfunc_vs_run"] < 1e-4  # == what the run evaluated (train/serve identical)
-    assert got["empty"] == [0, 2] and got["single"] == [1, 2]
+    assert got["paths_vs_images"] < 1e-6 and got["bytes_vs_images"] < 1e-6
+    assert got["labels_are_argmax"]
+    assert got["empty"] == [0, 2] and got["single"] == [1, 3]  # label + one column per class
 
 
 def test_champion_is_evaluated_on_the_same_test_set(trained: dict) -> None:

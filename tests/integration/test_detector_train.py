@@ -1,6 +1,6 @@
 """The detector's subprocess entry end to end on synthetic smear fields, tiny and on CPU.
 
-Training runs in a child process (``python -m training.detector``), as the DAG runs it, so
+Training runs in a child process (``python -m training.detector.train``), as the DAG runs it, so
 torch never enters the pytest process (which may hold TensorFlow from other tests). A
 ``sitecustomize`` in the child records every attempt to resolve or connect to a host: the
 machine is offline, and the run must not even try.
@@ -23,7 +23,7 @@ import pytest
 
 from tests.netguard import net_guard_env
 from training.config import load_config
-from training.dataset import assign_splits, write_manifest
+from training.data.dataset import assign_splits, write_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,7 @@ def _child_env(home: Path, **extra: str) -> dict[str, str]:
 
 def _curate_fields(home: Path, n_images: int, size: tuple[int, int], seed: int = 0) -> int:
     """Synthetic fields -> content-addressed curated store + manifest; returns its version."""
-    from training.synth import make_smear_batch
+    from training.dev.synth import make_smear_batch
 
     batch = home / "landing" / "synth-fields"
     images = make_smear_batch(batch, n_images=n_images, size=size, seed=seed)
@@ -76,7 +76,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     )
     out = home / "candidate.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "training.detector", "--dataset-version", str(version),
+        [sys.executable, "-m", "training.detector.train", "--dataset-version", str(version),
          "--tags-json", json.dumps({"airflow_run_id": "test-run"}), "--out", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
@@ -138,7 +138,8 @@ def test_load_detector_and_detect_in_a_torch_process(trained: dict) -> None:
     script = textwrap.dedent("""
         import json, sys
         from pathlib import Path
-        from training.detector import detect, load_detector  # importing training quiets MLflow
+        # importing training quiets MLflow
+        from training.detector.predict import detect, load_detector
         import mlflow, mlflow.pyfunc
         from PIL import Image
         from training.config import load_config
@@ -195,7 +196,7 @@ def test_champion_is_evaluated_on_the_same_test_set(trained: dict) -> None:
     env = _child_env(home, LEUKOFLOW_DETECTOR__IMGSZ="64", LEUKOFLOW_DETECTOR__EPOCHS="1",
                      LEUKOFLOW_DETECTOR__BATCH="8")
     proc = subprocess.run(
-        [sys.executable, "-m", "training.detector", "--out", str(out)],
+        [sys.executable, "-m", "training.detector.train", "--out", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -215,7 +216,7 @@ def test_champion_is_evaluated_on_the_same_test_set(trained: dict) -> None:
 def test_cli_fails_with_one_clear_line_when_there_is_no_dataset(tmp_path: Path) -> None:
     env = _child_env(tmp_path)
     proc = subprocess.run(
-        [sys.executable, "-m", "training.detector", "--out", str(tmp_path / "c.json")],
+        [sys.executable, "-m", "training.detector.train", "--out", str(tmp_path / "c.json")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 2

@@ -17,22 +17,22 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from research.experiments import DatasetSpec, curate, experiment_config, run_experiment
 from training.config import load_config
-from training.dataset import load_manifest
+from training.data.dataset import load_manifest
 from training.errors import ConfigError
-from training.experiments import DatasetSpec, curate, experiment_config, run_experiment
 
 pytestmark = pytest.mark.slow
 
 SPEC = DatasetSpec("synth-cells", "synth",
                    {"task": "binary", "classes": ["all", "hem"], "positive_class": "all"},
-                   "synthetic cells made by training.synth.make_cell_batch")
+                   "synthetic cells made by training.dev.synth.make_cell_batch")
 SWEEP = ["logistic_regression", "knn"]
 
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from training.synth import make_cell_batch
+    from training.dev.synth import make_cell_batch
 
     root = tmp_path_factory.mktemp("exp")
     source = root / "data"
@@ -154,7 +154,7 @@ def test_a_home_keeps_its_split_level(experiment: dict) -> None:
 
 def test_without_a_model_the_sweep_trains_one_and_says_so(experiment: dict,
                                                            tmp_path: Path) -> None:
-    """``python -m training.features`` with no model, offline: brief training first."""
+    """``python -m training.classifier.features`` with no model, offline: brief training first."""
     import subprocess
 
     home = experiment["home"]
@@ -163,7 +163,8 @@ def test_without_a_model_the_sweep_trains_one_and_says_so(experiment: dict,
                LEUKOFLOW_CLASSIFIER__EPOCHS="1")
     out = tmp_path / "features.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "training.features", "--architecture", "vgg16", "--names", "knn",
+        [sys.executable, "-m", "training.classifier.features", "--architecture", "vgg16",
+         "--names", "knn",
          "--cv-k", "0", "--bootstrap", "0", "--out", str(out)],
         cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
         timeout=600)

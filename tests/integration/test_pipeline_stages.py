@@ -6,8 +6,8 @@ import mlflow
 import pytest
 
 from training.config import load_config
-from training.pipeline import config_env, log_comparison, start_parent_run
 from training.records import Candidate
+from training.stages import config_env, log_comparison, start_parent_run
 
 pytestmark = pytest.mark.integration
 DATASET = {"version": 3, "manifest_sha256": "f" * 64, "batch_ids": ["b1", "b2"]}

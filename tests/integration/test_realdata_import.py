@@ -13,8 +13,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from training.importers import class_names, import_batch
-from training.metadata import extract_metadata
+from training.data.importers import class_names, import_batch
+from training.data.metadata import extract_metadata
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 
 from training.config import Config, load_config
-from training.curation import validate_batch
-from training.dataset import load_manifest
+from training.data.curation import validate_batch
+from training.data.dataset import load_manifest
 
 pytestmark = pytest.mark.realdata
 

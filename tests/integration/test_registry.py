@@ -6,8 +6,8 @@ import mlflow
 import pytest
 
 from training.errors import RegistryError
+from training.promotion.aliases import alias_version, promote, rollback, undo_promotion
 from training.records import Candidate
-from training.registry import alias_version, promote, rollback, undo_promotion
 from training.tracking import configure_mlflow
 
 pytestmark = pytest.mark.integration
@@ -55,7 +55,7 @@ def test_first_passes_worse_blocked_better_promoted_and_rollback(cfg):
 
 
 def test_gate_says_whether_the_difference_is_significant(cfg):
-    from training.registry import gate
+    from training.promotion.aliases import gate
 
     cand = _candidate(cfg, 0.80, champion=("1", 0.78))
     cand.metrics |= {"balanced_accuracy_ci_low": 0.7, "balanced_accuracy_ci_high": 0.9}

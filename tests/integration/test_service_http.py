@@ -28,7 +28,7 @@ from PIL import Image
 from serving.auth import create_key, list_keys
 from training.config import load_config
 from training.errors import PublishError
-from training.publish import (
+from training.publish.bento import (
     build_bento,
     import_champions,
     import_champions_detail,
@@ -57,7 +57,7 @@ _KERAS_SCRIPT = textwrap.dedent("""
 _YOLO_SCRIPT = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from training.detector import configure_ultralytics
+    from training.detector.predict import configure_ultralytics
     configure_ultralytics(Path(sys.argv[2]))
     from ultralytics import YOLO
     YOLO("yolov8n.yaml").save(sys.argv[1])  # untrained: boxes may be empty, shape is the point
@@ -84,8 +84,8 @@ def _register(cfg: Any, keras_path: Path, yolo_path: Path) -> dict[str, str]:
     """Log both models in the pyfunc contract format, register them, alias them champion."""
     from mlflow import MlflowClient
 
-    from training.classifier_pyfunc import KerasClassifierModel
-    from training.detector_pyfunc import DetectorModel
+    from training.classifier.pyfunc import KerasClassifierModel
+    from training.detector.pyfunc import DetectorModel
     from training.preprocess import PreprocessParams
     from training.tracking import configure_mlflow
 
@@ -231,11 +231,8 @@ def test_a_missing_image_field_is_400(server: Any) -> None:
     assert "no 'image' field" in resp.json()["error"]
 
 
-def test_explain_returns_a_png_or_says_why_not(server: Any) -> None:
+def test_explain_returns_a_grad_cam_png(server: Any) -> None:
     resp = _post(server, "/explain")
-    if resp.status_code == 501:
-        assert "gradcam" in resp.json()["error"]
-        return
     assert resp.status_code == 200, resp.text
     assert resp.headers["content-type"] == "image/png"
     assert resp.headers["x-leukoflow-label"] in CLASSES
@@ -313,7 +310,7 @@ def test_a_dying_server_surfaces_its_log(tmp_path: Path) -> None:
 def test_a_failed_publish_leaves_no_bento_and_no_key(
     server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import training.publish as pub
+    import training.publish.bento as pub
 
     bentos = server.cfg.bentoml_home / "bentos" / "leukoflow"
     before = {p.name for p in bentos.iterdir()}

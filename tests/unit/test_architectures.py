@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from training.classifier.architectures import ARCHITECTURES, get_spec, resolve_hparams
+from training.classifier.inputs import balanced_class_weights, lr_schedule
 from training.config import load_config
 from training.errors import ConfigError
-from training.models import ARCHITECTURES, get_spec, resolve_hparams
-from training.models.pipeline import balanced_class_weights, lr_schedule
 from training.preprocess import PreprocessParams, preprocess_image
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,9 +48,9 @@ FEATURES = {  # width of the features the classification head sees, per backbone
 def _probe(out: Path) -> None:  # pragma: no cover - runs in the subprocess
     import keras
 
-    from training.classifier import load_keras_model, predict_array
-    from training.models import build_model, count_params
-    from training.models.layers import CaffePreprocess
+    from training.classifier.architectures import build_model, count_params
+    from training.classifier.layers import CaffePreprocess
+    from training.classifier.predict import load_keras_model, predict_array
 
     rng = np.random.default_rng(0)
     report: dict = {}
@@ -96,7 +96,7 @@ def _batchnorm_probe() -> dict:  # pragma: no cover - runs in the subprocess
     class; re-estimating them (no weight changes) must restore it."""
     import keras
 
-    from training.models.batchnorm import recalibrate_batchnorm
+    from training.classifier.batchnorm import recalibrate_batchnorm
 
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
@@ -132,8 +132,8 @@ def _weights_probe(work: Path) -> dict:  # pragma: no cover - runs in the subpro
     import keras
     from keras.src.legacy.saving import legacy_h5_format
 
+    from training.classifier.architectures import build_model
     from training.errors import TrainingError
-    from training.models import build_model
 
     def same(a, b, layer="block5_conv3") -> bool:
         return bool(np.array_equal(a.get_layer(layer).get_weights()[0],
@@ -203,7 +203,7 @@ def test_local_weight_files_load_under_a_new_head(probe: dict) -> None:
 
 
 def test_a_missing_weight_file_is_a_config_error(tmp_path: Path) -> None:
-    from training.models import build_model
+    from training.classifier.architectures import build_model
 
     with pytest.raises(ConfigError, match="no such file"):  # checked before Keras is touched
         build_model("vgg16", 2, {"image_size": TINY, "weights": str(tmp_path / "nope.h5")})

@@ -14,8 +14,9 @@ import httpx
 import pytest
 
 from serving import auth
-from serving.auth import (
-    ApiKeyMiddleware,
+from serving.auth import ApiKeyMiddleware
+from training import apikeys
+from training.apikeys import (
     KeyStore,
     authenticate,
     create_key,
@@ -77,13 +78,13 @@ def test_every_stored_hash_is_compared_in_constant_time(
     for i in range(4):
         create_key(keys_file, f"k{i}", ["*"])
     calls: list[tuple[str, str]] = []
-    real = auth.hmac.compare_digest
+    real = apikeys.hmac.compare_digest
 
     def counting(a: str, b: str) -> bool:
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(auth.hmac, "compare_digest", counting)
+    monkeypatch.setattr(apikeys.hmac, "compare_digest", counting)
     assert authenticate(keys_file, first).name == "first"  # the match is the first record...
     assert len(calls) == 5  # ...and still every record was compared
     calls.clear()
@@ -102,7 +103,7 @@ def test_revoke_takes_effect_without_a_restart(keys_file: Path) -> None:
 
 def test_env_keys(tmp_path: Path) -> None:
     token = "lf_container-key"
-    env = {auth.ENV_VAR: f"svc:{hash_key(token)}:classify+detect, ops:{'0' * 64}:*"}
+    env = {apikeys.ENV_VAR: f"svc:{hash_key(token)}:classify+detect, ops:{'0' * 64}:*"}
     store = KeyStore(tmp_path / "missing.json", env=env)
     record = verify(store, token, "detect")
     assert record is not None and record.name == "svc" and record.source == "env"

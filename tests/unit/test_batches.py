@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from training.batches import (
+from training.config import load_config
+from training.data.batches import (
     check_batch_id,
     discover_batches,
     read_ledger,
     stage_batch,
     write_ledger,
 )
-from training.config import load_config
 from training.errors import DataValidationError
 from training.records import ValidationResult
 

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from sklearn.datasets import make_classification
 
-from training.classical import (
+from training.classifier.classical import (
     CLASSIFIERS,
     SoftmaxRidgeClassifier,
     fit_predict_proba,

@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from training.batches import discover_batches
 from training.config import Config, load_config
-from training.curation import validate_batch, validate_path
-from training.dataset import curated_storage, latest_version, load_manifest
-from training.synth import make_bad_files, make_cell_batch, make_smear_batch, write_ready
+from training.data.batches import discover_batches
+from training.data.curation import validate_batch, validate_path
+from training.data.dataset import curated_storage, latest_version, load_manifest
+from training.dev.synth import make_bad_files, make_cell_batch, make_smear_batch, write_ready
 
 CELL = {"n_subjects_per_class": 2, "images_per_subject": 8, "size": 64}
 EXPECTED_BAD = {
@@ -224,7 +224,7 @@ def test_crash_before_the_ledger_is_recovered_without_double_rows(cfg, monkeypat
     def boom(*_a: object, **_k: object) -> None:
         raise RuntimeError("worker died")
 
-    monkeypatch.setattr("training.curation.write_ledger", boom)
+    monkeypatch.setattr("training.data.curation.write_ledger", boom)
     with pytest.raises(RuntimeError):
         validate_batch(cfg, "crashy")
     assert latest_version(curated_storage(cfg)) == 1

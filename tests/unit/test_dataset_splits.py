@@ -4,8 +4,8 @@ import hashlib
 
 import pandas as pd
 
-from training.dataset import assign_splits, load_manifest, write_manifest
-from training.dataset import test_set_sha256 as fingerprint
+from training.data.dataset import assign_splits, load_manifest, write_manifest
+from training.data.dataset import test_set_sha256 as fingerprint
 
 
 def _rows(subjects: dict[str, str], per_subject: int = 5, start: int = 0) -> pd.DataFrame:

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from training.detector import write_yolo_dataset
+from training.detector.yolo_data import write_yolo_dataset
 from training.errors import DataValidationError
 
 CLASSES = ["WBC", "RBC"]
@@ -113,7 +113,7 @@ def test_unmaterialized_manifest_is_refused(tmp_path: Path) -> None:
 
 
 def test_copies_when_symlinks_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import training.detector as det
+    import training.detector.yolo_data as det
 
     def refuse(*_: object, **__: object) -> None:
         raise OSError("symlinks not permitted")
@@ -128,7 +128,8 @@ def test_copies_when_symlinks_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 def test_importing_the_module_pulls_in_no_torch_ultralytics_or_mlflow() -> None:
     """Serving and the DAG import this module; heavy imports must wait until they are needed."""
     heavy = ("torch", "ultralytics", "mlflow", "tensorflow")
-    code = f"import sys, training.detector; print([m for m in {heavy} if m in sys.modules])"
+    code = ("import sys, training.detector.predict, training.detector.train; "
+            f"print([m for m in {heavy} if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          check=True)
     assert out.stdout.strip() == "[]"
@@ -140,6 +141,6 @@ def test_importing_the_module_pulls_in_no_torch_ultralytics_or_mlflow() -> None:
     (32, 4, 24, 32),       # an explicit value always wins
 ])
 def test_nominal_batch(nbs: int | None, batch: int, n_train: int, expected: int) -> None:
-    from training.detector import _nominal_batch
+    from training.detector.train import _nominal_batch
 
     assert _nominal_batch(nbs, batch, n_train) == expected

@@ -16,8 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from training.errors import DataValidationError
-from training.features import (
+from training.classifier.features import (
     DeepFeatures,
     cv_features,
     deep_feature_sweep,
@@ -27,6 +26,7 @@ from training.features import (
     sweep_markdown,
     xincept_xgboost,
 )
+from training.errors import DataValidationError
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ["all", "hem"]
@@ -61,7 +61,7 @@ def _features(rows: pd.DataFrame, signal: float, dim: int = 16, seed: int = 0,
 
 
 def test_module_imports_without_tensorflow() -> None:
-    code = ("import sys, training.features, training.experiments; "
+    code = ("import sys, training.classifier.features, research.experiments; "
             "print([m for m in ('tensorflow', 'keras', 'torch') if m in sys.modules])")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)

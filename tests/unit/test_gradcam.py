@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +40,8 @@ def _blob_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _probe(out_dir: Path) -> dict:  # pragma: no cover - runs in the subprocess
     import keras
 
-    from training import gradcam
-    from training.classical import extract_features
+    from training.classifier import gradcam
+    from training.classifier.classical import extract_features
 
     keras.utils.set_random_seed(0)
     x, y, masks = _blob_data(192, seed=1)
@@ -88,13 +87,11 @@ def _probe(out_dir: Path) -> dict:  # pragma: no cover - runs in the subprocess
     xt, yt, mt = _blob_data(16, seed=7)
     blob = int(np.flatnonzero(yt)[0])
     for name, model in {"flat": flat, "nested": nested, "deep": deep}.items():
-        start = time.perf_counter()
         heat = gradcam.gradcam_heatmap(model, xt[blob], class_index=1)
-        first = time.perf_counter() - start
-        start = time.perf_counter()
         gradcam.gradcam_heatmap(model, xt[blob], class_index=1)
-        report[f"{name}_time_first_s"], report[f"{name}_time_cached_s"] = first, (
-            time.perf_counter() - start)
+        # the second call reuses the gradient model built by the first (timings: bench/)
+        report[f"{name}_grad_model_reused"] = (
+            gradcam._grad_model(model, None)[0] is gradcam._grad_model(model, None)[0])
         report[f"{name}_shape"] = list(heat.shape)
         report[f"{name}_min"], report[f"{name}_max"] = float(heat.min()), float(heat.max())
         report[f"{name}_std"] = float(heat.std())
@@ -216,7 +213,7 @@ def test_keras_application_backbone(probe: dict) -> None:
 @pytest.mark.slow
 def test_grad_model_is_cached(probe: dict) -> None:
     for name in ("flat", "nested", "deep"):
-        assert probe[f"{name}_time_cached_s"] < 2.0
+        assert probe[f"{name}_grad_model_reused"] is True, name
 
 
 @pytest.mark.slow
@@ -238,7 +235,7 @@ def test_artifacts_are_pngs(probe: dict) -> None:
 
 
 def test_overlay_png_without_tensorflow() -> None:
-    from training.gradcam import overlay_png
+    from training.classifier.gradcam import overlay_png
 
     image = np.zeros((20, 30, 3), dtype=np.uint8)
     heat = np.zeros((5, 5), dtype=np.float32)
@@ -254,8 +251,8 @@ def test_overlay_png_without_tensorflow() -> None:
         overlay_png(image, heat, alpha=2.0)
 
 
-@pytest.mark.parametrize("module", ["training.gradcam", "training.evaluation",
-                                    "training.classical"])
+@pytest.mark.parametrize("module", ["training.classifier.gradcam", "training.evaluation.metrics",
+                                    "training.classifier.classical"])
 def test_imports_without_tensorflow_or_torch(module: str) -> None:
     code = (f"import sys, {module}; "
             "bad = [m for m in ('tensorflow', 'torch', 'keras') if m in sys.modules]; "

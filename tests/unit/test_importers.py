@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from training.data.importers import LAYOUTS, ImageRecord, class_names, detect_layout, import_batch
+from training.dev.synth import make_cell_batch, make_smear_batch, write_ready
 from training.errors import DataValidationError
-from training.importers import LAYOUTS, ImageRecord, class_names, detect_layout, import_batch
-from training.synth import make_cell_batch, make_smear_batch, write_ready
 
 
 def _img(path: Path, size: tuple[int, int] = (8, 6), fmt: str | None = None) -> Path:

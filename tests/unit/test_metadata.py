@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageFile, ImageFilter
 
-from training import metadata
-from training.importers import ImageRecord, import_batch
-from training.metadata import ERRORS, METADATA_COLUMNS, extract_metadata
-from training.synth import make_bad_files
+from training.data import metadata
+from training.data.importers import ImageRecord, import_batch
+from training.data.metadata import ERRORS, METADATA_COLUMNS, extract_metadata
+from training.dev.synth import make_bad_files
 
 CONTRACT = [
     "batch_id", "path", "kind", "label", "subject_id", "yolo_labels", "box_counts", "decodable",

@@ -13,7 +13,7 @@ import yaml
 
 from training.config import load_config
 from training.errors import PublishError
-from training.publish import _child_env, smoke_image, smoke_test
+from training.publish.bento import _child_env, smoke_image, smoke_test
 
 VERSIONS = {"leukemia-classifier": "4", "wbc-detector": "2"}
 

@@ -125,14 +125,6 @@ def test_explain_is_a_png_with_the_label_in_headers(api: Any) -> None:
     assert Image.open(io.BytesIO(resp.content)).size == (8, 8)
 
 
-def test_explain_without_gradcam_is_501(api: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    client, _ = api
-    monkeypatch.setattr(svc, "_gradcam_available", lambda: False)
-    resp = client.post("/explain", **_upload(_png()))
-    assert resp.status_code == 501
-    assert "training.gradcam" in resp.json()["error"]
-
-
 @pytest.mark.parametrize(("data", "status", "words"), [
     (b"", 400, "empty"),
     (b"GIF89a-not-really", 400, "cannot be read"),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training import synth
+from training.dev import synth
 
 CNMC_NAME = re.compile(r"^UID_(?P<subject>H?\d+)_(?P<image>\d+)_(?P<cell>\d+)_(?P<label>all|hem)$")
 SMALL = {"n_subjects_per_class": 2, "images_per_subject": 4, "size": 160}

@@ -10,8 +10,7 @@ import pytest
 from PIL import Image
 
 from training.config import load_config
-from training.synth import make_cell_batch
-from training.validation import (
+from training.data.validation import (
     METADATA_COLUMNS,
     SUITE_NAME,
     hamming_matches,
@@ -19,6 +18,7 @@ from training.validation import (
     run_suite,
     same_picture,
 )
+from training.dev.synth import make_cell_batch
 
 
 def _row(path: str, **kw: object) -> dict[str, object]:

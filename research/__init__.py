@@ -1,0 +1,1 @@
+"""Research runners (real-data experiments): outside the production package."""

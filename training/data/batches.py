@@ -1,0 +1,118 @@
+"""Batch discovery in the landing zone, and the ledger that makes validation idempotent.
+
+A batch is a top-level prefix ``<batch_id>/`` of the landing store. It is *complete* once one of
+``cfg.storage.ready_markers`` (``_READY`` or ``manifest.csv``) exists under it; uploaders write
+the marker last, so a batch without one may still be growing and is never read. A batch is
+*processed* once its verdict sits in the curated store's ledger, ``batches/<batch_id>.json``
+(written last by :func:`training.data.curation.validate_batch`); discovery skips it from then on and
+a rerun of the stage returns the stored verdict. Nothing here deletes anything from landing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from training.config import Config
+from training.data.dataset import curated_storage
+from training.errors import DataValidationError
+from training.records import Batch, ValidationResult
+from training.storage import Storage, open_storage
+
+__all__ = [
+    "LEDGER_PREFIX", "check_batch_id", "discover_batches", "find_marker", "landing_storage",
+    "ledger_key", "read_ledger", "stage_batch", "write_ledger",
+]
+
+log = logging.getLogger("leukoflow.batches")
+LEDGER_PREFIX = "batches"
+_BATCH_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+=-]{0,199}$")
+
+
+def landing_storage(cfg: Config) -> Storage:
+    return open_storage(cfg.uri("landing"), cfg.storage.s3_endpoint_url, cfg.storage.s3_region)
+
+
+def check_batch_id(batch_id: str) -> str:
+    """A batch id becomes a key prefix and a folder name: refuse anything that could escape."""
+    if not _BATCH_ID.match(batch_id) or ".." in batch_id:
+        raise DataValidationError(
+            f"batch id {batch_id!r} is not a plain folder name (letters, digits, . _ - @ + =)"
+        )
+    return batch_id
+
+
+def ledger_key(batch_id: str) -> str:
+    return f"{LEDGER_PREFIX}/{check_batch_id(batch_id)}.json"
+
+
+def read_ledger(cfg: Config, batch_id: str) -> ValidationResult | None:
+    """The stored verdict on ``batch_id``, or None if it was never processed."""
+    store = curated_storage(cfg)
+    key = ledger_key(batch_id)
+    if not store.exists(key):
+        return None
+    return ValidationResult.from_dict(json.loads(store.read_text(key)))
+
+
+def write_ledger(cfg: Config, result: ValidationResult) -> None:
+    curated_storage(cfg).write_text(
+        ledger_key(result.batch_id), json.dumps(result.to_dict(), indent=2, sort_keys=True)
+    )
+
+
+def find_marker(cfg: Config, batch_id: str, store: Storage | None = None) -> str | None:
+    """The first completion marker present in the batch, or None while it is incomplete."""
+    store = store or landing_storage(cfg)
+    for marker in cfg.storage.ready_markers:
+        if store.exists(f"{batch_id}/{marker}"):
+            return marker
+    return None
+
+
+def discover_batches(cfg: Config) -> list[Batch]:
+    """Complete, not yet processed batches in the landing zone, sorted by id."""
+    store = landing_storage(cfg)
+    curated = curated_storage(cfg)
+    found: list[Batch] = []
+    for batch_id in store.list_dirs(""):
+        if not _BATCH_ID.match(batch_id):
+            log.warning("ignoring landing folder %r: not a valid batch id", batch_id)
+            continue
+        marker = find_marker(cfg, batch_id, store)
+        if marker is None:
+            log.info("batch %s has no completion marker %s yet: left alone", batch_id,
+                     cfg.storage.ready_markers)
+            continue
+        if curated.exists(ledger_key(batch_id)):
+            continue
+        found.append(Batch(batch_id=batch_id, landing_uri=store.uri, marker=marker))
+    return found
+
+
+def stage_batch(cfg: Config, batch_id: str, dest: Path) -> Path:
+    """A local folder holding the batch: the landing folder itself, or a copy of an S3 batch.
+
+    Importers and image decoders need paths. A local landing store is read in place (read only);
+    an S3 batch is downloaded to ``dest/<batch_id>``. Landing is never modified.
+    """
+    store = landing_storage(cfg)
+    check_batch_id(batch_id)
+    local = store.local_path(batch_id)
+    if local is not None:
+        if not local.is_dir():
+            raise DataValidationError(f"batch {batch_id!r} does not exist in {store.uri}")
+        return local
+    root = Path(dest) / batch_id
+    keys = list(store.list(f"{batch_id}/"))
+    if not keys:
+        raise DataValidationError(f"batch {batch_id!r} does not exist in {store.uri}")
+    for key in keys:
+        rel = key[len(batch_id) + 1:]
+        target = (root / rel).resolve()
+        if root.resolve() not in target.parents:
+            raise DataValidationError(f"landing key {key!r} escapes the batch folder")
+        store.download(key, target)
+    return root

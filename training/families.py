@@ -1,0 +1,115 @@
+"""The model families: one record per family, so that no other module branches on a family name.
+
+What differs between the Keras cell classifier and the YOLO smear-field detector lives here,
+in the spirit of Ultralytics' ``task_map`` and of the classifier's architecture table
+(:mod:`training.classifier.architectures`): the registered model name and gate metric (as
+config keys, so the YAML stays the one place for values), which manifest rows the family learns
+from, the module that trains one candidate in a child process, the predict module that serving
+and evaluation load, and the MLflow pyfunc class. Every other module asks :func:`get_family` or
+iterates :data:`FAMILIES`.
+
+Importing this module is cheap: module paths are strings, imported where they are used.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+from training.config import Config
+from training.errors import ConfigError
+
+__all__ = ["FAMILIES", "Family", "family_of_model", "get_family"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family and every fact that differs per family."""
+
+    name: str  # "classifier" | "detector": the Candidate's ``family`` and the MLflow run tag
+    kind: str  # which manifest rows it learns from (``kind`` column): "cell" | "field"
+    registered_name_key: str  # attribute of ``cfg.mlflow`` holding the registered model name
+    gate_metric_key: str  # attribute of ``cfg.gate`` naming the gated metric
+    gate_floor_key: str  # attribute of ``cfg.gate`` holding that metric's absolute floor
+    higher_is_better: bool  # direction of the gated metric
+    train_module: str  # ``python -m <train_module>`` trains one candidate (own process)
+    predict_module: str  # load + preprocess + infer; what serving and evaluation import
+    pyfunc: str  # "module:Class" of the logged MLflow pyfunc
+    takes_architecture: bool  # whether the train entry takes ``--architecture``
+    compare_architectures: bool  # log the papers' comparison table across candidates
+
+    def registered_name(self, cfg: Config) -> str:
+        return str(getattr(cfg.mlflow, self.registered_name_key))
+
+    def gate_metric(self, cfg: Config) -> str:
+        return str(getattr(cfg.gate, self.gate_metric_key))
+
+    def gate_floor(self, cfg: Config) -> float:
+        return float(getattr(cfg.gate, self.gate_floor_key))
+
+    def default_architecture(self, cfg: Config) -> str | None:
+        """The architecture a run trains when none is named (None: the family has one model)."""
+        return cfg.classifier.architectures[0] if self.takes_architecture else None
+
+    def better(self, a: float, b: float) -> bool:
+        """Whether metric value ``a`` is at least as good as ``b``."""
+        return a >= b if self.higher_is_better else a <= b
+
+    def best_value(self) -> float:
+        """The worst possible value, to rank candidates that lack the metric last."""
+        return float("-inf") if self.higher_is_better else float("inf")
+
+    @property
+    def bento_arg(self) -> str:
+        """Bento argument (``bentoml build --arg``) naming the BentoML model tag to serve."""
+        return f"{self.name}_model"
+
+    @property
+    def bento_tag_env(self) -> str:
+        """Environment variable naming that tag when no Bento argument is given."""
+        return f"LEUKOFLOW_BENTO_{self.name.upper()}"
+
+
+FAMILIES: dict[str, Family] = {
+    "classifier": Family(
+        name="classifier", kind="cell",
+        registered_name_key="classifier_name",
+        gate_metric_key="classifier_metric", gate_floor_key="classifier_floor",
+        higher_is_better=True,
+        train_module="training.classifier.train",
+        predict_module="training.classifier.predict",
+        pyfunc="training.classifier.pyfunc:KerasClassifierModel",
+        takes_architecture=True, compare_architectures=True,
+    ),
+    "detector": Family(
+        name="detector", kind="field",
+        registered_name_key="detector_name",
+        gate_metric_key="detector_metric", gate_floor_key="detector_floor",
+        higher_is_better=True,
+        train_module="training.detector.train",
+        predict_module="training.detector.predict",
+        pyfunc="training.detector.pyfunc:DetectorModel",
+        takes_architecture=False, compare_architectures=False,
+    ),
+}
+
+
+def get_family(name: str) -> Family:
+    """The family called ``name``; an unknown name gets the nearest valid one."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        near = difflib.get_close_matches(str(name), FAMILIES, n=1, cutoff=0.3)
+        hint = f"did you mean '{near[0]}'? " if near else ""
+        raise ConfigError(f"unknown model family '{name}': {hint}"
+                          f"valid names: {', '.join(FAMILIES)}") from None
+
+
+def family_of_model(cfg: Config, registered_name: str) -> Family:
+    """The family whose registered model is called ``registered_name``."""
+    for family in FAMILIES.values():
+        if family.registered_name(cfg) == registered_name:
+            return family
+    names = [f.registered_name(cfg) for f in FAMILIES.values()]
+    raise ConfigError(f"'{registered_name}' is not a registered leukoflow model: "
+                      f"valid names: {', '.join(names)}")

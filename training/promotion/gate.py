@@ -1,0 +1,56 @@
+"""The promotion gate: the verdict on one candidate, with its reasons (TFX's blessing).
+
+Floors first, then non-regression against the champion scored on the same test rows. What
+metric and floor apply comes from the family table (:mod:`training.families`), their values
+from the config. The verdict is pure: registering and moving aliases is
+:mod:`training.promotion.aliases`' job.
+"""
+
+from __future__ import annotations
+
+from training.config import Config
+from training.families import get_family
+from training.records import Candidate
+
+__all__ = ["gate"]
+
+
+def gate(cfg: Config, candidate: Candidate) -> tuple[bool, list[str]]:
+    """Floors first, then non-regression against the champion scored on the same test set."""
+    family = get_family(candidate.family)
+    metric, floor = family.gate_metric(cfg), family.gate_floor(cfg)
+    if metric not in candidate.metrics:
+        return False, [f"candidate has no metric '{metric}' (has {sorted(candidate.metrics)})"]
+    value = candidate.metrics[metric]
+    reasons = []
+    ok = value >= floor
+    reasons.append(f"{metric}={value:.4f} {'>=' if ok else '<'} floor {floor:.4f}")
+    champ = candidate.champion_metrics
+    if candidate.champion_version is None or champ is None:
+        reasons.append("no champion yet: the first version that passes the floor becomes champion")
+        return ok, reasons
+    if metric not in champ:
+        return False, reasons + [f"champion v{candidate.champion_version} has no '{metric}'"]
+    allowed = champ[metric] - cfg.gate.max_regression
+    better = value >= allowed
+    reasons.append(
+        f"{metric}={value:.4f} {'>=' if better else '<'} champion v{candidate.champion_version} "
+        f"{champ[metric]:.4f} - allowed regression {cfg.gate.max_regression:.4f} "
+        f"(same test set {candidate.test_set_sha256[:12]}, split {candidate.split_kind})"
+    )
+    reasons.extend(_significance(metric, candidate.metrics, champ))
+    return ok and better, reasons
+
+
+def _significance(metric: str, cand: dict[str, float], champ: dict[str, float]) -> list[str]:
+    """Say whether the bootstrap 95 % CIs of candidate and champion overlap (informational:
+    with a small test set most differences are noise, and the reviewer should see that)."""
+    keys = (f"{metric}_ci_low", f"{metric}_ci_high")
+    if not all(k in cand and k in champ for k in keys):
+        return []
+    a, b = (cand[k] for k in keys)
+    c, d = (champ[k] for k in keys)
+    overlap = a <= d and c <= b
+    verdict = "overlap: the difference is not significant" if overlap else \
+        "do not overlap: the difference is significant"
+    return [f"95% CIs candidate [{a:.3f}, {b:.3f}] vs champion [{c:.3f}, {d:.3f}] {verdict}"]

@@ -1,0 +1,1 @@
+"""Publishing: champions -> BentoML models -> Bento -> loopback server -> smoke test."""
