@@ -13,8 +13,9 @@ not from landing, not from the curated store, not from quarantine.
 Batch policy: a file that fails a hard expectation is quarantined and the rest is curated,
 unless the share of failing files exceeds ``cfg.validation.max_failure_rate`` or a table-level
 expectation fails; then the batch is rejected whole (everything to quarantine, nothing curated).
-Concurrent curation of two batches would race for the next manifest version: the DAG runs this
-stage one batch at a time.
+Concurrent curations (the DAG's one-at-a-time limit does not bind ``leukoflow ingest`` or a
+second worker) are safe: each appends its rows to the newest manifest under a lock, with a
+conditional write that refuses a version already taken (see :mod:`training.dataset`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from training.batches import (
 )
 from training.config import Config
 from training.errors import DataValidationError
+from training.locks import file_lock
 from training.records import ValidationResult
 from training.report import write_report
 from training.storage import Storage, open_storage
@@ -162,7 +164,8 @@ def _inspect(cfg: Config, root: Path, batch_id: str, cache: Path,
         box_classes=class_names(root, layout),
         subjects_expected=True if layout in SUBJECT_LAYOUTS else None,
     )
-    outcome = run_suite(cfg, frame, run_name=batch_id)
+    with file_lock(cfg.state_dir / "locks" / "gx.lock"):  # one GX file context per home
+        outcome = run_suite(cfg, frame, run_name=batch_id)
     frame["reasons"] = frame["path"].map(outcome.reasons)
     frame["warnings"] = frame["path"].map(outcome.warnings)
     rejection = ""
@@ -257,37 +260,45 @@ def _content_keys(row: Any) -> tuple[str, str]:
 
 
 def _curate(cfg: Config, insp: _Inspection) -> int:
-    """Copy accepted files into the curated store and write the next manifest version."""
+    """Copy accepted files into the curated store and write the next manifest version.
+
+    The files go first (content-addressed, outside any lock); the rows are then appended to
+    whatever manifest version is newest when this batch's turn comes, so a curation running
+    at the same time (another ``leukoflow ingest``, another worker) loses no rows to this one.
+    """
     store = dataset.curated_storage(cfg)
     accepted = insp.frame[~insp.failed]
-    version = dataset.latest_version(store)
-    old = (dataset.load_manifest(cfg)[0] if version
-           else pd.DataFrame(columns=dataset.MANIFEST_COLUMNS))
-    present = set(old["sha256"])
-    new_rows, index = [], _read_phash_index(store)
+    rows, phashes = [], {}
     for row in accepted.itertuples(index=False):
         key, label_key = _content_keys(row)
         if not store.exists(key):
             store.copy_in(insp.root / row.path, key)
         if label_key:
             store.write_text(label_key, row.yolo_labels + ("\n" if row.yolo_labels else ""))
-        index.setdefault(row.sha256, row.phash)
-        if row.sha256 in present:  # rerun after a crash: this batch is already in the manifest
-            continue
-        new_rows.append({
+        phashes.setdefault(row.sha256, row.phash)
+        rows.append({
             "sha256": row.sha256, "key": key, "kind": row.kind, "label": row.label,
             "subject_id": row.subject_id, "batch_id": insp.batch_id,
             "source": f"{insp.batch_id}/{row.path}", "width": int(row.width),
             "height": int(row.height), "split": "", "split_group": "", "label_key": label_key,
         })
-    if not new_rows:
-        return version
-    store.write_bytes(PHASH_INDEX, pd.DataFrame(
-        sorted(index.items()), columns=["sha256", "phash"]).to_csv(index=False).encode())
-    combined = pd.concat([old, pd.DataFrame(new_rows, columns=dataset.MANIFEST_COLUMNS)],
-                         ignore_index=True)
-    combined[["split", "split_group"]] = combined[["split", "split_group"]].fillna("")
-    return dataset.write_manifest(cfg, dataset.assign_splits(combined, cfg)).version
+
+    def extend(old: pd.DataFrame) -> pd.DataFrame | None:
+        present = set(old["sha256"])  # rerun after a crash: this batch is already in it
+        new_rows = [r for r in rows if r["sha256"] not in present]
+        if not new_rows:
+            return None
+        index = _read_phash_index(store)  # read again: a concurrent curation may have grown it
+        for sha, phash in phashes.items():
+            index.setdefault(sha, phash)
+        store.write_bytes(PHASH_INDEX, pd.DataFrame(
+            sorted(index.items()), columns=["sha256", "phash"]).to_csv(index=False).encode())
+        combined = pd.concat([old, pd.DataFrame(new_rows, columns=dataset.MANIFEST_COLUMNS)],
+                             ignore_index=True)
+        combined[["split", "split_group"]] = combined[["split", "split_group"]].fillna("")
+        return dataset.assign_splits(combined, cfg)
+
+    return dataset.append_manifest(cfg, extend)
 
 
 # ------------------------------------------------------------------------------ the stage

@@ -1,0 +1,122 @@
+"""Nothing a data steward or an app sends is lost, silently skipped or half-read (issue 9).
+
+Against the local backend and a real S3-protocol server on loopback (moto's HTTP server).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from pathlib import Path
+
+import pytest
+
+from training import dataset
+from training.config import Config, load_config
+from training.synth import make_cell_batch, write_ready
+
+pytestmark = pytest.mark.integration
+
+SMALL = {"n_subjects_per_class": 2, "images_per_subject": 3, "size": 48}
+
+
+def _s3_config(home: Path, endpoint: str, bucket: str, **overrides: object) -> Config:
+    return load_config(home=home, validation={"workers": 1}, storage={
+        "landing_uri": f"s3://{bucket}/landing", "curated_uri": f"s3://{bucket}/curated",
+        "quarantine_uri": f"s3://{bucket}/quarantine", "s3_endpoint_url": endpoint},
+        **overrides)
+
+
+# ------------------------------------------------------------------ 1: concurrent curation
+def _curate_in_child(cfg: Config, batch_id: str, barrier, results) -> None:
+    """One curation in its own process; both meet at a barrier after reading the manifest.
+
+    The barrier is soft (it times out): with a lock around read-and-write, the second
+    curation only reads the manifest after the first wrote it, and must not wait forever.
+    """
+    from training import curation
+
+    real = dataset.assign_splits
+    met = threading.Event()
+
+    def assign_then_meet(df, c):
+        out = real(df, c)
+        if not met.is_set():
+            met.set()
+            try:
+                barrier.wait(timeout=4)
+            except threading.BrokenBarrierError:
+                pass
+        return out
+
+    dataset.assign_splits = assign_then_meet
+    try:
+        results[batch_id] = curation.validate_batch(cfg, batch_id).status
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        results[batch_id] = f"error: {exc!r}"
+
+
+def _race(configs: dict[str, Config]) -> dict[str, str]:
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(len(configs))
+    with ctx.Manager() as manager:
+        results = manager.dict()
+        procs = [ctx.Process(target=_curate_in_child, args=(cfg, batch_id, barrier, results))
+                 for batch_id, cfg in configs.items()]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=300)
+        return dict(results)
+
+
+def _newest_batches(cfg: Config) -> list[str]:
+    return dataset.load_manifest(cfg)[1].batch_ids
+
+
+def test_concurrent_local_curations_keep_both_batches(tmp_path: Path):
+    cfg = load_config(home=tmp_path / "home", validation={"workers": 1})
+    for seed, batch_id in enumerate(("left", "right")):
+        make_cell_batch(cfg.home / "landing" / batch_id, seed=seed + 1, **SMALL)
+        write_ready(cfg.home / "landing" / batch_id)
+    assert _race({"left": cfg, "right": cfg}) == {"left": "accepted", "right": "accepted"}
+    manifest, ds = dataset.load_manifest(cfg)
+    assert ds.version == 2 and ds.batch_ids == ["left", "right"]
+    assert len(manifest) == 24 and manifest["sha256"].is_unique
+
+
+def test_concurrent_s3_curations_on_two_hosts_keep_both_batches(tmp_path, s3_endpoint,
+                                                                s3_bucket):
+    """Two workers with their own state dirs (no shared lock): the conditional write decides."""
+    from training.landing import upload_batch
+
+    hosts = {b: _s3_config(tmp_path / f"host-{b}", s3_endpoint, s3_bucket)
+             for b in ("left", "right")}
+    for seed, batch_id in enumerate(hosts):
+        make_cell_batch(tmp_path / "src" / batch_id, seed=seed + 1, **SMALL)
+        upload_batch(hosts[batch_id], tmp_path / "src" / batch_id, batch_id)
+    assert _race(hosts) == {"left": "accepted", "right": "accepted"}
+    manifest, ds = dataset.load_manifest(hosts["left"])
+    assert ds.version == 2 and ds.batch_ids == ["left", "right"]
+    assert len(manifest) == 24 and manifest["sha256"].is_unique
+
+
+def test_a_manifest_version_is_never_overwritten(tmp_path, s3_endpoint, s3_bucket, monkeypatch):
+    from training.errors import StorageError
+
+    for cfg in (load_config(home=tmp_path / "local"),
+                _s3_config(tmp_path / "s3", s3_endpoint, s3_bucket)):
+        store = dataset.curated_storage(cfg)
+        assert store.create("manifests/v0001.csv", b"first")
+        assert not store.create("manifests/v0001.csv", b"second")
+        assert store.read_bytes("manifests/v0001.csv") == b"first"
+        assert dataset.latest_version(store) == 1  # LATEST was never written: probed
+        store.write_text("manifests/LATEST", "1")
+        assert store.create("manifests/v0002.csv", b"third")  # LATEST lags behind
+        assert dataset.latest_version(store) == 2
+        with monkeypatch.context() as m:  # another writer took the version we read as next
+            m.setattr(dataset, "latest_version", lambda s: 1)
+            with pytest.raises(StorageError, match="written by another curation"):
+                dataset.write_manifest(cfg, dataset.pd.DataFrame(
+                    columns=dataset.MANIFEST_COLUMNS))
+        assert store.read_bytes("manifests/v0002.csv") == b"third"
