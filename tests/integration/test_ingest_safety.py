@@ -120,3 +120,65 @@ def test_a_manifest_version_is_never_overwritten(tmp_path, s3_endpoint, s3_bucke
                 dataset.write_manifest(cfg, dataset.pd.DataFrame(
                     columns=dataset.MANIFEST_COLUMNS))
         assert store.read_bytes("manifests/v0002.csv") == b"third"
+
+
+# ------------------------------------------------------------- 2: half-uploaded batches
+def _with_manifest(root: Path, seed: int) -> list[Path]:
+    """A C-NMC cell batch plus a ``manifest.csv`` naming every image, and a late file."""
+    files = make_cell_batch(root, seed=seed, **SMALL)
+    (root / "zz_late.png").write_bytes(files[0].read_bytes()[:-1] + b"\x00")
+    lines = ["path,label,subject_id"] + [
+        f"{p.relative_to(root).as_posix()},{p.stem.split('_')[-1]},{p.stem.split('_')[1]}"
+        for p in sorted(root.rglob("*.png"))]
+    (root / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def test_an_upload_is_invisible_until_its_last_file(tmp_path, s3_endpoint, s3_bucket,
+                                                    monkeypatch):
+    """Data files, then manifest.csv, then _READY; discovery finds nothing before the end."""
+    from training.batches import discover_batches
+    from training.landing import upload_batch
+    from training.storage import S3Storage
+
+    cfg = _s3_config(tmp_path / "home", s3_endpoint, s3_bucket)
+    files = _with_manifest(tmp_path / "src", seed=7)
+    order: list[str] = []
+    real_copy = S3Storage.copy_in
+
+    def copy_then_look(self, src, key):
+        real_copy(self, src, key)
+        order.append(key.split("/", 1)[1])
+        if order[-1] != "manifest.csv":  # a consistent manifest.csv completes the batch
+            assert discover_batches(cfg) == [], f"discovered after uploading only {order}"
+
+    monkeypatch.setattr(S3Storage, "copy_in", copy_then_look)
+    upload_batch(cfg, tmp_path / "src", "steward-1")
+    assert len(order) == len(files) and order[-1] == "manifest.csv"
+    assert [b.batch_id for b in discover_batches(cfg)] == ["steward-1"]
+
+
+def test_a_half_uploaded_manifest_batch_is_not_discovered(tmp_path, s3_endpoint, s3_bucket):
+    """A manifest that landed before (some of) its images, or was cut short, waits."""
+    from training.batches import discover_batches, landing_storage
+    from training.curation import validate_batch
+
+    cfg = _s3_config(tmp_path / "home", s3_endpoint, s3_bucket)
+    root = tmp_path / "src"
+    files = _with_manifest(root, seed=8)
+    store = landing_storage(cfg)
+    manifest = (root / "manifest.csv").read_bytes()
+    store.write_bytes("b/manifest.csv", manifest[: len(manifest) - 6])  # cut mid-row
+    assert discover_batches(cfg) == []
+    store.write_bytes("b/manifest.csv", manifest)
+    for path in files[:3]:  # an uploader that sends the manifest first
+        store.copy_in(path, f"b/{path.relative_to(root).as_posix()}")
+    assert discover_batches(cfg) == []
+    result = validate_batch(cfg, "b")
+    assert result.status == "skipped" and "marker" in result.message
+    assert not list(dataset.curated_storage(cfg).list())  # nothing read, nothing written
+    for path in files[3:]:
+        store.copy_in(path, f"b/{path.relative_to(root).as_posix()}")
+    assert [(b.batch_id, b.marker) for b in discover_batches(cfg)] == [("b", "manifest.csv")]
+    result = validate_batch(cfg, "b")
+    assert (result.status, result.images) == ("accepted", len(files) - 1)  # all but manifest
