@@ -142,7 +142,9 @@ def stage_batch(cfg: Config, batch_id: str, dest: Path) -> Path:
     """A local folder holding the batch: the landing folder itself, or a copy of an S3 batch.
 
     Importers and image decoders need paths. A local landing store is read in place (read only);
-    an S3 batch is downloaded to ``dest/<batch_id>``. Landing is never modified.
+    an S3 batch is downloaded to ``dest/<batch_id>``, skipping zero-byte "folder" objects
+    (keys ending in ``/``). Landing is never modified. Raises ``DataValidationError`` when the
+    keys cannot be laid out as files (one escapes the folder, a file and a folder share a name).
     """
     store = landing_storage(cfg)
     check_batch_id(batch_id)
@@ -156,9 +158,17 @@ def stage_batch(cfg: Config, batch_id: str, dest: Path) -> Path:
     if not keys:
         raise DataValidationError(f"batch {batch_id!r} does not exist in {store.uri}")
     for key in keys:
+        if key.endswith("/"):  # a "folder" object, as the MinIO and AWS consoles create them
+            log.debug("batch %s: skipping folder marker object %r", batch_id, key)
+            continue
         rel = key[len(batch_id) + 1:]
         target = (root / rel).resolve()
         if root.resolve() not in target.parents:
             raise DataValidationError(f"landing key {key!r} escapes the batch folder")
-        store.download(key, target)
+        try:
+            store.download(key, target)
+        except (NotADirectoryError, IsADirectoryError, FileExistsError) as exc:
+            raise DataValidationError(
+                f"landing key {key!r} cannot be staged: a file and a folder of the batch "
+                f"share a name ({exc.strerror})") from exc
     return root

@@ -44,7 +44,7 @@ from training.config import Config
 from training.errors import DataValidationError
 from training.locks import file_lock
 from training.records import ValidationResult
-from training.report import write_report
+from training.report import write_index, write_report
 from training.storage import Storage, open_storage
 from training.validation import SuiteOutcome, prepare_frame, run_suite, same_picture
 
@@ -229,6 +229,18 @@ def _result(cfg: Config, insp: _Inspection, report_dir: Path, message: str = "",
     return result
 
 
+def _failed(cfg: Config, batch_id: str, report_dir: Path, message: str) -> ValidationResult:
+    """A batch that could not be staged: nothing curated or quarantined; the report says why."""
+    result = ValidationResult(batch_id=batch_id, status="failed", layout="", images=0,
+                              accepted=0, quarantined=0, reasons={}, report_dir=str(report_dir),
+                              data_docs=None, message=message)
+    empty = pd.DataFrame(columns=["path", "kind", "label", "decodable", "error", "reasons",
+                                  "duplicate_of"])
+    write_report(report_dir, {**result.to_dict(), "rejection_reason": message}, empty,
+                 report_dir)
+    return result
+
+
 def _skipped(cfg: Config, batch_id: str, message: str) -> ValidationResult:
     return ValidationResult(batch_id=batch_id, status="skipped", layout="", images=0, accepted=0,
                             quarantined=0, reasons={}, report_dir="", data_docs=None,
@@ -306,7 +318,10 @@ def validate_batch(cfg: Config, batch_id: str) -> ValidationResult:
     """Validate one landing batch and curate or quarantine its files (idempotent).
 
     A batch already in the ledger returns its stored verdict untouched; one without a
-    completion marker returns ``skipped`` and is not read.
+    completion marker returns ``skipped`` and is not read. One that cannot be staged (its keys
+    cannot be laid out as files) is recorded as ``failed`` with the reason, in the ledger and
+    the report index, instead of raising: a data problem of one batch must not stop the
+    others' dataset event. Storage outages still raise (the task retries).
     """
     check_batch_id(batch_id)
     stored = read_ledger(cfg, batch_id)
@@ -319,19 +334,24 @@ def validate_batch(cfg: Config, batch_id: str) -> ValidationResult:
     report_dir = cfg.reports_dir / batch_id
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"stage-{batch_id}-", dir=cfg.state_dir) as tmp:
-        root = stage_batch(cfg, batch_id, Path(tmp) / "batch")
-        insp = _inspect(cfg, root, batch_id, Path(tmp), own_batch=batch_id)
-        if insp.rejection:
-            _quarantine(cfg, insp, insp.frame, "batch_rejected")
-            result = _result(cfg, insp, report_dir)
+        try:
+            root = stage_batch(cfg, batch_id, Path(tmp) / "batch")
+        except DataValidationError as exc:  # the batch's own fault: record it, don't retry
+            result = _failed(cfg, batch_id, report_dir, f"cannot stage the batch: {exc}")
         else:
-            _quarantine(cfg, insp, insp.frame[insp.failed], "")
-            version = _curate(cfg, insp)
-            result = _result(cfg, insp, report_dir, dataset_version=version,
-                             message=f"curated dataset version {version}")
+            insp = _inspect(cfg, root, batch_id, Path(tmp), own_batch=batch_id)
+            if insp.rejection:
+                _quarantine(cfg, insp, insp.frame, "batch_rejected")
+                result = _result(cfg, insp, report_dir)
+            else:
+                _quarantine(cfg, insp, insp.frame[insp.failed], "")
+                version = _curate(cfg, insp)
+                result = _result(cfg, insp, report_dir, dataset_version=version,
+                                 message=f"curated dataset version {version}")
     write_ledger(cfg, result)
-    log.info("batch %s %s: %d accepted, %d quarantined %s", batch_id, result.status,
-             result.accepted, result.quarantined, result.reasons)
+    write_index(cfg.reports_dir)
+    log.info("batch %s %s: %d accepted, %d quarantined %s %s", batch_id, result.status,
+             result.accepted, result.quarantined, result.reasons, result.message)
     return result
 
 

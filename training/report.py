@@ -1,5 +1,8 @@
 """The data steward's report on one batch: ``summary.json`` and ``quarantine.html``.
 
+``index.html`` beside the batch folders lists every batch reported so far with its verdict
+(accepted, rejected, or failed: could not be read at all, and why) and links to its page.
+
 ``quarantine.html`` is one self-contained page (no scripts, no external files): every file the
 batch lost, a small thumbnail (base64 PNG) or a grey box where the file cannot be decoded, its
 reasons, what it duplicates, and a link to the GX Data Docs that hold the full suite results.
@@ -11,6 +14,7 @@ import base64
 import html
 import io
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,9 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
-__all__ = ["MAX_THUMBNAILS", "THUMBNAIL_SIDE", "thumbnail_data_uri", "write_report"]
+__all__ = [
+    "MAX_THUMBNAILS", "THUMBNAIL_SIDE", "thumbnail_data_uri", "write_index", "write_report",
+]
 
 THUMBNAIL_SIDE = 96
 MAX_THUMBNAILS = 400  # a rejected batch of thousands of files keeps the page a few MB at most
@@ -164,3 +170,41 @@ def write_report(
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(report_dir / "quarantine.html")
     return report_dir
+
+
+def write_index(reports_dir: Path) -> Path:
+    """Write ``reports_dir/index.html``: one row per ``<batch>/summary.json``, newest first."""
+    reports_dir = Path(reports_dir)
+    summaries = []
+    for path in reports_dir.glob("*/summary.json"):
+        try:
+            summaries.append((path.stat().st_mtime, json.loads(path.read_text())))
+        except (OSError, ValueError):
+            continue  # being rewritten right now: the next index has it
+    rows = []
+    for _, s in sorted(summaries, key=lambda t: (-t[0], t[1].get("batch_id", ""))):
+        status = str(s.get("status", ""))
+        why = s.get("rejection_reason") or s.get("message") or ""
+        cls = "ok" if status == "accepted" else "bad"
+        batch = str(s.get("batch_id", ""))
+        rows.append(
+            f'<tr><td><a href="{html.escape(batch)}/quarantine.html"><code>{_cell(batch)}'
+            f'</code></a></td><td class="{cls}">{_cell(status)}</td>'
+            f"<td>{_cell(s.get('images', ''))}</td><td>{_cell(s.get('accepted', ''))}</td>"
+            f"<td>{_cell(s.get('quarantined', ''))}</td>"
+            f"<td>{_cell(s.get('files', {}).get('ignored', ''))}</td><td>{_cell(why)}</td></tr>"
+        )
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>leukoflow batches</title>
+<style>{_CSS}</style></head><body>
+<h1>Batches ({len(rows)})</h1>
+<table><tr><th>batch</th><th>status</th><th>images</th><th>accepted</th><th>quarantined</th>
+<th>ignored</th><th>why</th></tr>
+{chr(10).join(rows)}
+</table></body></html>
+"""
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    tmp = reports_dir / f".index.html.{os.getpid()}.tmp"
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(reports_dir / "index.html")
+    return reports_dir / "index.html"

@@ -182,3 +182,85 @@ def test_a_half_uploaded_manifest_batch_is_not_discovered(tmp_path, s3_endpoint,
     assert [(b.batch_id, b.marker) for b in discover_batches(cfg)] == [("b", "manifest.csv")]
     result = validate_batch(cfg, "b")
     assert (result.status, result.images) == ("accepted", len(files) - 1)  # all but manifest
+
+
+# ---------------------------------------------- 3: console folder objects, failing batches
+def _console_upload(cfg: Config, src: Path, batch_id: str) -> None:
+    """Upload as a person does in the MinIO/AWS console: zero-byte ``folder/`` objects too."""
+    from training.batches import landing_storage
+    from training.landing import upload_batch
+
+    store = landing_storage(cfg)
+    store.write_bytes(f"{batch_id}/", b"")
+    for folder in sorted({p.parent for p in src.rglob("*") if p.is_file()} - {src}):
+        store.write_bytes(f"{batch_id}/{folder.relative_to(src).as_posix()}/", b"")
+    upload_batch(cfg, src, batch_id)
+
+
+def _emit(cfg: Config, results: list[dict | None], monkeypatch) -> tuple[dict, dict]:
+    """Run the ingest DAG's ``emit_dataset`` task callable on these validate results."""
+    from training.localenv import airflow_env
+
+    repo = Path(__file__).resolve().parents[2]
+    for key, value in airflow_env(cfg).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.syspath_prepend(str(repo / "plugins"))
+    from airflow.dag_processing.dagbag import DagBag
+    from leukoflow_dag_support import CURATED_DATASET
+
+    bag = DagBag(dag_folder=str(repo / "dags" / "leukoflow_ingest.py"), safe_mode=False)
+    task = bag.dags["ingest_validate"].get_task("emit_dataset")
+    assert task.trigger_rule == "all_done"  # runs even when a validate task crashed
+
+    class Event:
+        extra: dict = {}
+
+    events = {CURATED_DATASET: Event()}
+    out = task.python_callable(results=results, params={"config": {
+        "home": str(cfg.home), "storage": cfg.storage.model_dump()}}, outlet_events=events)
+    return out, events[CURATED_DATASET].extra
+
+
+def test_console_folder_objects_do_not_stop_a_batch(tmp_path, s3_endpoint, s3_bucket):
+    from training.batches import discover_batches
+    from training.curation import validate_batch
+
+    cfg = _s3_config(tmp_path / "home", s3_endpoint, s3_bucket)
+    make_cell_batch(tmp_path / "src", seed=9, **SMALL)
+    _console_upload(cfg, tmp_path / "src", "console")
+    assert [b.batch_id for b in discover_batches(cfg)] == ["console"]
+    result = validate_batch(cfg, "console")
+    assert (result.status, result.images, result.accepted) == ("accepted", 12, 12)
+
+
+def test_a_failing_batch_does_not_stop_the_dataset_event(tmp_path, s3_endpoint, s3_bucket,
+                                                          monkeypatch):
+    import json
+
+    from training.batches import discover_batches, landing_storage, read_ledger
+    from training.curation import validate_batch
+
+    cfg = _s3_config(tmp_path / "home", s3_endpoint, s3_bucket)
+    make_cell_batch(tmp_path / "good", seed=10, **SMALL)
+    _console_upload(cfg, tmp_path / "good", "good")
+    store = landing_storage(cfg)  # a file and a folder of the same name: cannot be staged
+    store.write_bytes("clash/cells", b"not a folder")
+    store.write_bytes("clash/cells/UID_1_1_1_all.png", b"png")
+    store.write_bytes("clash/_READY", b"")
+    assert [b.batch_id for b in discover_batches(cfg)] == ["clash", "good"]
+
+    results = [validate_batch(cfg, b).to_dict() for b in ("clash", "good")]
+    assert [r["status"] for r in results] == ["failed", "accepted"]
+    ledger = read_ledger(cfg, "clash")
+    assert ledger.status == "failed" and "cannot be staged" in ledger.message
+    summary = json.loads((cfg.reports_dir / "clash" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "cannot be staged" in summary["rejection_reason"]
+    index = (cfg.reports_dir / "index.html").read_text()
+    assert "clash" in index and "failed" in index and "cannot be staged" in index
+    assert "good" in index and "accepted" in index
+    assert discover_batches(cfg) == []  # recorded: not retried on every run
+    assert validate_batch(cfg, "clash").to_dict() == results[0]
+
+    # None: a validate task that crashed
+    dataset_record, extra = _emit(cfg, [*results, None], monkeypatch)
+    assert dataset_record["batch_ids"] == ["good"] and extra == {"version": 1}
