@@ -25,7 +25,7 @@ import logging
 import tempfile
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -67,6 +67,7 @@ class _Inspection:
     frame: pd.DataFrame  # prepared frame + reasons/warnings columns
     outcome: SuiteOutcome | None
     rejection: str  # "" = accepted
+    ignored: dict[str, str] = field(default_factory=dict)  # path -> why it is no record
 
     @property
     def failed(self) -> pd.Series:
@@ -148,7 +149,7 @@ def _compute_phashes(cfg: Config, rows: pd.DataFrame, cache: Path) -> dict[str, 
 def _inspect(cfg: Config, root: Path, batch_id: str, cache: Path,
              own_batch: str | None) -> _Inspection:
     """Import, measure and validate a local batch folder; decide the batch's fate."""
-    from training.importers import class_names, import_batch
+    from training.importers import class_names, import_batch, unlisted_files
     from training.metadata import extract_metadata
 
     try:
@@ -175,12 +176,13 @@ def _inspect(cfg: Config, root: Path, batch_id: str, cache: Path,
     elif rate > cfg.validation.max_failure_rate:
         rejection = (f"failure rate {rate:.1%} exceeds max_failure_rate "
                      f"{cfg.validation.max_failure_rate:.1%}")
-    return _Inspection(batch_id, root, layout, frame, outcome, rejection)
+    return _Inspection(batch_id, root, layout, frame, outcome, rejection,
+                       unlisted_files(root, layout, set(frame["path"])))
 
 
 def _unrecognised(root: Path, batch_id: str, message: str) -> _Inspection:
     """A batch no importer understands: every file goes to quarantine, with the why."""
-    from training.importers import READY_MARKER
+    from training.importers import READY_MARKER, unlisted_files
 
     paths = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
                    if p.is_file() and p.name != READY_MARKER)
@@ -189,7 +191,8 @@ def _unrecognised(root: Path, batch_id: str, message: str) -> _Inspection:
         "duplicate_of": None, "reasons": [["unrecognised_layout"] for _ in paths],
         "warnings": [[] for _ in paths],
     })
-    return _Inspection(batch_id, root, "unknown", frame, None, message)
+    return _Inspection(batch_id, root, "unknown", frame, None, message,
+                       unlisted_files(root, "unknown", set(paths)))
 
 
 # -------------------------------------------------------------------------------- results
@@ -220,6 +223,8 @@ def _result(cfg: Config, insp: _Inspection, report_dir: Path, message: str = "",
         "table_failures": outcome.table_failures if outcome else [],
         "dataset_version": dataset_version,
         "subjects": sorted(set(frame.get("subject_id", pd.Series(dtype=str))) - {""}),
+        "ignored": dict(sorted(insp.ignored.items())),
+        "files": _file_counts(insp, lost),
     }
     shown = lost.assign(reasons=[
         (["batch_rejected"] if rejected else []) + list(rs) for rs in lost["reasons"]
@@ -227,6 +232,19 @@ def _result(cfg: Config, insp: _Inspection, report_dir: Path, message: str = "",
     write_report(report_dir, summary, shown, insp.root,
                  outcome.expectations if outcome else [])
     return result
+
+
+def _file_counts(insp: _Inspection, lost: pd.DataFrame) -> dict[str, int]:
+    """Every file of the batch folder, once: ``present = curated + quarantined + ignored``.
+
+    ``named_but_missing`` counts records of files a manifest or annotation names that never
+    arrived (quarantined as ``missing_file``): they are rows of the report, not files.
+    """
+    present = {p.relative_to(insp.root).as_posix() for p in insp.root.rglob("*") if p.is_file()}
+    quarantined = sum(1 for p in lost["path"] if p in present)
+    return {"present": len(present), "curated": len(insp.frame) - len(lost),
+            "quarantined": quarantined, "ignored": len(insp.ignored),
+            "named_but_missing": len(lost) - quarantined}
 
 
 def _failed(cfg: Config, batch_id: str, report_dir: Path, message: str) -> ValidationResult:

@@ -111,6 +111,21 @@ def _expectations_html(expectations: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def _files_html(summary: dict[str, Any]) -> str:
+    """Where every file of the batch went, and the files that are no record (with why)."""
+    files = summary.get("files")
+    ignored = summary.get("ignored") or {}
+    if not files and not ignored:
+        return ""
+    counts = (f"<p>{files['present']} file(s) in the batch: {files['curated']} curated, "
+              f"{files['quarantined']} quarantined, {files['ignored']} ignored (left in landing)."
+              "</p>" if files else "")
+    rows = "".join(f"<tr><td><code>{_cell(p)}</code></td><td>{_cell(why)}</td></tr>"
+                   for p, why in sorted(ignored.items()))
+    return (f"<h2>Files</h2>{counts}<h2>Ignored files ({len(ignored)})</h2>"
+            f"<table><tr><th>path</th><th>why</th></tr>{rows}</table>")
+
+
 def _page(summary: dict[str, Any], rows: pd.DataFrame, root: Path,
           expectations: list[dict[str, Any]]) -> str:
     docs = summary.get("data_docs")
@@ -133,6 +148,7 @@ def _page(summary: dict[str, Any], rows: pd.DataFrame, root: Path,
 {summary['accepted']} accepted, {summary['quarantined']} quarantined. {docs_link}.</p>
 <h2>Quarantine reasons</h2><ul>{reasons or '<li>none</li>'}</ul>
 <h2>Warnings (soft bounds; files kept)</h2><ul>{warns or '<li>none</li>'}</ul>
+{_files_html(summary)}
 <h2>Quarantined files ({len(rows)})</h2>
 <table><tr><th>image</th><th>path</th><th>kind</th><th>label</th><th>reasons</th>
 <th>duplicate of</th></tr>

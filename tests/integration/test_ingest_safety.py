@@ -264,3 +264,58 @@ def test_a_failing_batch_does_not_stop_the_dataset_event(tmp_path, s3_endpoint, 
     # None: a validate task that crashed
     dataset_record, extra = _emit(cfg, [*results, None], monkeypatch)
     assert dataset_record["batch_ids"] == ["good"] and extra == {"version": 1}
+
+
+# ------------------------------------------------------------ 4: every file accounted for
+def test_every_file_of_a_batch_is_accounted_for(tmp_path, s3_endpoint, s3_bucket):
+    import io
+    import json
+
+    import boto3
+    import pandas as pd
+
+    from training.batches import discover_batches
+    from training.curation import validate_batch
+    from training.landing import upload_batch
+    from training.synth import make_bad_files
+
+    cfg = _s3_config(tmp_path / "home", s3_endpoint, s3_bucket)
+    src = tmp_path / "src"
+    make_cell_batch(src, seed=11, **SMALL)
+    make_bad_files(src / "fold_0" / "all", seed=11)
+    (src / "protocol.pdf").write_bytes(b"%PDF-1.4 the lab's protocol")
+    (src / "notes.txt").write_text("scanned on the old microscope\n")
+    (src / "fold_0" / "scan.xyz").write_bytes(b"\x00\x01 unknown format")
+    (src / ".DS_Store").write_bytes(b"\x00")
+    upload_batch(cfg, src, "mixed")
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+
+    def bucket() -> dict[str, str]:
+        return {o["Key"]: o["ETag"] for o in s3.list_objects_v2(Bucket=s3_bucket)["Contents"]}
+
+    landing_before = {k: v for k, v in bucket().items() if k.startswith("landing/")}
+    result = validate_batch(cfg, "mixed")
+    assert result.status == "accepted"
+
+    summary = json.loads((cfg.reports_dir / "mixed" / "summary.json").read_text())
+    files = {p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()} | {"_READY"}
+    counts = summary["files"]
+    assert counts["present"] == len(files)
+    assert counts["curated"] + counts["quarantined"] + counts["ignored"] == len(files)
+    assert summary["ignored"] == {"_READY": "batch_metadata", ".DS_Store": "hidden_file",
+                                  "notes.txt": "not_an_image:.txt",
+                                  "protocol.pdf": "not_an_image:.pdf"}
+    manifest, _ = dataset.load_manifest(cfg)
+    curated = {s.split("/", 1)[1] for s in manifest["source"]}
+    raw = s3.get_object(Bucket=s3_bucket, Key="quarantine/mixed/reasons.csv")["Body"].read()
+    quarantined = set(pd.read_csv(io.BytesIO(raw), dtype=str)["path"])
+    assert "fold_0/scan.xyz" in quarantined
+    groups = (curated, quarantined, set(summary["ignored"]))
+    assert set().union(*groups) == files and sum(map(len, groups)) == len(files)  # disjoint
+    page = (cfg.reports_dir / "mixed" / "quarantine.html").read_text()
+    assert "Ignored files (4)" in page and "not_an_image:.pdf" in page
+
+    after = bucket()
+    assert {k: v for k, v in after.items() if k.startswith("landing/")} == landing_before
+    assert validate_batch(cfg, "mixed") == result and discover_batches(cfg) == []
+    assert bucket() == after  # a second ingest changes nothing
