@@ -2,7 +2,9 @@
 
 Each complete batch (``_READY`` or ``manifest.csv`` present) is validated once; the newest
 curated dataset version is then emitted as the ``curated-dataset`` asset, which triggers
-``retrain``.
+``retrain``. A batch with a data problem yields a ``failed`` or ``rejected`` record, not a task
+failure; and ``emit_dataset`` runs once every ``validate`` is done (``all_done``), so even a
+batch whose task crashed does not hold back the event for the batches that were accepted.
 """
 
 from __future__ import annotations
@@ -35,17 +37,25 @@ def ingest_validate():
 
         return validate(config_from(params), batch_id)
 
-    @task(outlets=[CURATED_DATASET])
+    @task(outlets=[CURATED_DATASET], trigger_rule="all_done")
     def emit_dataset(results: list[dict], params=None, outlet_events=None) -> dict:
         from training.stages import curated_dataset
 
+        results = [r for r in results or [] if r]  # a crashed validate leaves no result
         if not any(r["status"] == "accepted" for r in results):
             raise AirflowSkipException("no batch was accepted: the curated dataset is unchanged")
         dataset = curated_dataset(config_from(params))
         outlet_events[CURATED_DATASET].extra = {"version": dataset["version"]}
         return dataset
 
-    emit_dataset(validate.expand(batch_id=discover()))
+    @task
+    def all_batches_validated(results: list[dict]) -> dict:
+        """A leaf that needs every validate to succeed: a crashed one fails the DAG run."""
+        return {r["batch_id"]: r["status"] for r in results}
+
+    results = validate.expand(batch_id=discover())
+    emit_dataset(results)
+    all_batches_validated(results)
 
 
 ingest_validate()

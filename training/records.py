@@ -38,10 +38,14 @@ class Batch(_Record):
 
 @dataclass
 class ValidationResult(_Record):
-    """The verdict on one batch; ``status`` decides whether anything was curated."""
+    """The verdict on one batch; ``status`` decides whether anything was curated.
+
+    ``failed``: the batch could not be read at all (e.g. its keys cannot be laid out as files);
+    nothing was curated or quarantined, ``message`` says why, and it is not retried.
+    """
 
     batch_id: str
-    status: Literal["accepted", "rejected", "skipped"]
+    status: Literal["accepted", "rejected", "skipped", "failed"]
     layout: str
     images: int
     accepted: int

@@ -4,7 +4,9 @@ Every stage reads and writes through :class:`Storage`, so the embedded default (
 and a MinIO/S3 deployment (``s3://bucket/prefix`` + ``endpoint_url``) run the same code path.
 Keys are POSIX-style paths relative to the store's root. Writes are atomic where the backend
 allows it (local: write to a temp file then rename; S3: single PUT), so a reader never sees
-half an object.
+half an object. :meth:`Storage.create` writes only if the key is still absent (local: a hard
+link, which fails if the name exists; S3: a conditional ``PutObject`` with ``If-None-Match: *``),
+so two writers racing for one key cannot both win: the curated manifest versions rely on it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ class Storage(ABC):
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def create(self, key: str, data: bytes) -> bool:
+        """Write ``key`` only if it does not exist yet, atomically; False if it already did."""
 
     def list_dirs(self, prefix: str = "") -> list[str]:
         """Immediate child 'folders' of ``prefix`` (e.g. batch ids in the landing zone)."""
@@ -123,6 +129,24 @@ class LocalStorage(Storage):
     def exists(self, key: str) -> bool:
         return self._path(key).exists()
 
+    def create(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        tmp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.link(tmp, path)  # atomic, and refuses an existing name (os.replace would not)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise StorageError(f"cannot create {self.uri}/{key}: {exc}") from exc
+        finally:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+
     def copy_in(self, src: Path, key: str) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,6 +161,9 @@ class LocalStorage(Storage):
 
     def local_path(self, key: str) -> Path | None:
         return self._path(key)
+
+
+_TAKEN = {"PreconditionFailed", "ConditionalRequestConflict"}
 
 
 class S3Storage(Storage):
@@ -192,6 +219,22 @@ class S3Storage(Storage):
             self._client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data)
         except (BotoCoreError, ClientError) as exc:
             raise self._fail("write", key, exc) from exc
+
+    def create(self, key: str, data: bytes) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data,
+                                    IfNoneMatch="*")
+            return True
+        except ClientError as exc:
+            # 412: the key exists; 409: a concurrent conditional write to it is in flight
+            if exc.response.get("Error", {}).get("Code") in _TAKEN or exc.response.get(
+                    "ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+                return False
+            raise self._fail("create", key, exc) from exc
+        except BotoCoreError as exc:
+            raise self._fail("create", key, exc) from exc
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import BotoCoreError, ClientError

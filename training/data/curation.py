@@ -13,8 +13,9 @@ not from landing, not from the curated store, not from quarantine.
 Batch policy: a file that fails a hard expectation is quarantined and the rest is curated,
 unless the share of failing files exceeds ``cfg.validation.max_failure_rate`` or a table-level
 expectation fails; then the batch is rejected whole (everything to quarantine, nothing curated).
-Concurrent curation of two batches would race for the next manifest version: the DAG runs this
-stage one batch at a time.
+Concurrent curations (the DAG's one-at-a-time limit does not bind ``leukoflow ingest`` or a
+second worker) are safe: each appends its rows to the newest manifest under a lock, with a
+conditional write that refuses a version already taken (see :mod:`training.data.dataset`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import logging
 import tempfile
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -40,9 +41,10 @@ from training.data.batches import (
     stage_batch,
     write_ledger,
 )
-from training.data.report import write_report
+from training.data.report import write_index, write_report
 from training.data.validation import SuiteOutcome, prepare_frame, run_suite, same_picture
 from training.errors import DataValidationError
+from training.locks import file_lock
 from training.records import ValidationResult
 from training.storage import Storage, open_storage
 
@@ -65,6 +67,7 @@ class _Inspection:
     frame: pd.DataFrame  # prepared frame + reasons/warnings columns
     outcome: SuiteOutcome | None
     rejection: str  # "" = accepted
+    ignored: dict[str, str] = field(default_factory=dict)  # path -> why it is no record
 
     @property
     def failed(self) -> pd.Series:
@@ -146,7 +149,7 @@ def _compute_phashes(cfg: Config, rows: pd.DataFrame, cache: Path) -> dict[str, 
 def _inspect(cfg: Config, root: Path, batch_id: str, cache: Path,
              own_batch: str | None) -> _Inspection:
     """Import, measure and validate a local batch folder; decide the batch's fate."""
-    from training.data.importers import class_names, import_batch
+    from training.data.importers import class_names, import_batch, unlisted_files
     from training.data.metadata import extract_metadata
 
     try:
@@ -162,7 +165,8 @@ def _inspect(cfg: Config, root: Path, batch_id: str, cache: Path,
         box_classes=class_names(root, layout),
         subjects_expected=True if layout in SUBJECT_LAYOUTS else None,
     )
-    outcome = run_suite(cfg, frame, run_name=batch_id)
+    with file_lock(cfg.state_dir / "locks" / "gx.lock"):  # one GX file context per home
+        outcome = run_suite(cfg, frame, run_name=batch_id)
     frame["reasons"] = frame["path"].map(outcome.reasons)
     frame["warnings"] = frame["path"].map(outcome.warnings)
     rejection = ""
@@ -172,12 +176,13 @@ def _inspect(cfg: Config, root: Path, batch_id: str, cache: Path,
     elif rate > cfg.validation.max_failure_rate:
         rejection = (f"failure rate {rate:.1%} exceeds max_failure_rate "
                      f"{cfg.validation.max_failure_rate:.1%}")
-    return _Inspection(batch_id, root, layout, frame, outcome, rejection)
+    return _Inspection(batch_id, root, layout, frame, outcome, rejection,
+                       unlisted_files(root, layout, set(frame["path"])))
 
 
 def _unrecognised(root: Path, batch_id: str, message: str) -> _Inspection:
     """A batch no importer understands: every file goes to quarantine, with the why."""
-    from training.data.importers import READY_MARKER
+    from training.data.importers import READY_MARKER, unlisted_files
 
     paths = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
                    if p.is_file() and p.name != READY_MARKER)
@@ -186,7 +191,8 @@ def _unrecognised(root: Path, batch_id: str, message: str) -> _Inspection:
         "duplicate_of": None, "reasons": [["unrecognised_layout"] for _ in paths],
         "warnings": [[] for _ in paths],
     })
-    return _Inspection(batch_id, root, "unknown", frame, None, message)
+    return _Inspection(batch_id, root, "unknown", frame, None, message,
+                       unlisted_files(root, "unknown", set(paths)))
 
 
 # -------------------------------------------------------------------------------- results
@@ -217,12 +223,39 @@ def _result(cfg: Config, insp: _Inspection, report_dir: Path, message: str = "",
         "table_failures": outcome.table_failures if outcome else [],
         "dataset_version": dataset_version,
         "subjects": sorted(set(frame.get("subject_id", pd.Series(dtype=str))) - {""}),
+        "ignored": dict(sorted(insp.ignored.items())),
+        "files": _file_counts(insp, lost),
     }
     shown = lost.assign(reasons=[
         (["batch_rejected"] if rejected else []) + list(rs) for rs in lost["reasons"]
     ])
     write_report(report_dir, summary, shown, insp.root,
                  outcome.expectations if outcome else [])
+    return result
+
+
+def _file_counts(insp: _Inspection, lost: pd.DataFrame) -> dict[str, int]:
+    """Every file of the batch folder, once: ``present = curated + quarantined + ignored``.
+
+    ``named_but_missing`` counts records of files a manifest or annotation names that never
+    arrived (quarantined as ``missing_file``): they are rows of the report, not files.
+    """
+    present = {p.relative_to(insp.root).as_posix() for p in insp.root.rglob("*") if p.is_file()}
+    quarantined = sum(1 for p in lost["path"] if p in present)
+    return {"present": len(present), "curated": len(insp.frame) - len(lost),
+            "quarantined": quarantined, "ignored": len(insp.ignored),
+            "named_but_missing": len(lost) - quarantined}
+
+
+def _failed(cfg: Config, batch_id: str, report_dir: Path, message: str) -> ValidationResult:
+    """A batch that could not be staged: nothing curated or quarantined; the report says why."""
+    result = ValidationResult(batch_id=batch_id, status="failed", layout="", images=0,
+                              accepted=0, quarantined=0, reasons={}, report_dir=str(report_dir),
+                              data_docs=None, message=message)
+    empty = pd.DataFrame(columns=["path", "kind", "label", "decodable", "error", "reasons",
+                                  "duplicate_of"])
+    write_report(report_dir, {**result.to_dict(), "rejection_reason": message}, empty,
+                 report_dir)
     return result
 
 
@@ -257,37 +290,45 @@ def _content_keys(row: Any) -> tuple[str, str]:
 
 
 def _curate(cfg: Config, insp: _Inspection) -> int:
-    """Copy accepted files into the curated store and write the next manifest version."""
+    """Copy accepted files into the curated store and write the next manifest version.
+
+    The files go first (content-addressed, outside any lock); the rows are then appended to
+    whatever manifest version is newest when this batch's turn comes, so a curation running
+    at the same time (another ``leukoflow ingest``, another worker) loses no rows to this one.
+    """
     store = dataset.curated_storage(cfg)
     accepted = insp.frame[~insp.failed]
-    version = dataset.latest_version(store)
-    old = (dataset.load_manifest(cfg)[0] if version
-           else pd.DataFrame(columns=dataset.MANIFEST_COLUMNS))
-    present = set(old["sha256"])
-    new_rows, index = [], _read_phash_index(store)
+    rows, phashes = [], {}
     for row in accepted.itertuples(index=False):
         key, label_key = _content_keys(row)
         if not store.exists(key):
             store.copy_in(insp.root / row.path, key)
         if label_key:
             store.write_text(label_key, row.yolo_labels + ("\n" if row.yolo_labels else ""))
-        index.setdefault(row.sha256, row.phash)
-        if row.sha256 in present:  # rerun after a crash: this batch is already in the manifest
-            continue
-        new_rows.append({
+        phashes.setdefault(row.sha256, row.phash)
+        rows.append({
             "sha256": row.sha256, "key": key, "kind": row.kind, "label": row.label,
             "subject_id": row.subject_id, "batch_id": insp.batch_id,
             "source": f"{insp.batch_id}/{row.path}", "width": int(row.width),
             "height": int(row.height), "split": "", "split_group": "", "label_key": label_key,
         })
-    if not new_rows:
-        return version
-    store.write_bytes(PHASH_INDEX, pd.DataFrame(
-        sorted(index.items()), columns=["sha256", "phash"]).to_csv(index=False).encode())
-    combined = pd.concat([old, pd.DataFrame(new_rows, columns=dataset.MANIFEST_COLUMNS)],
-                         ignore_index=True)
-    combined[["split", "split_group"]] = combined[["split", "split_group"]].fillna("")
-    return dataset.write_manifest(cfg, dataset.assign_splits(combined, cfg)).version
+
+    def extend(old: pd.DataFrame) -> pd.DataFrame | None:
+        present = set(old["sha256"])  # rerun after a crash: this batch is already in it
+        new_rows = [r for r in rows if r["sha256"] not in present]
+        if not new_rows:
+            return None
+        index = _read_phash_index(store)  # read again: a concurrent curation may have grown it
+        for sha, phash in phashes.items():
+            index.setdefault(sha, phash)
+        store.write_bytes(PHASH_INDEX, pd.DataFrame(
+            sorted(index.items()), columns=["sha256", "phash"]).to_csv(index=False).encode())
+        combined = pd.concat([old, pd.DataFrame(new_rows, columns=dataset.MANIFEST_COLUMNS)],
+                             ignore_index=True)
+        combined[["split", "split_group"]] = combined[["split", "split_group"]].fillna("")
+        return dataset.assign_splits(combined, cfg)
+
+    return dataset.append_manifest(cfg, extend)
 
 
 # ------------------------------------------------------------------------------ the stage
@@ -295,7 +336,10 @@ def validate_batch(cfg: Config, batch_id: str) -> ValidationResult:
     """Validate one landing batch and curate or quarantine its files (idempotent).
 
     A batch already in the ledger returns its stored verdict untouched; one without a
-    completion marker returns ``skipped`` and is not read.
+    completion marker returns ``skipped`` and is not read. One that cannot be staged (its keys
+    cannot be laid out as files) is recorded as ``failed`` with the reason, in the ledger and
+    the report index, instead of raising: a data problem of one batch must not stop the
+    others' dataset event. Storage outages still raise (the task retries).
     """
     check_batch_id(batch_id)
     stored = read_ledger(cfg, batch_id)
@@ -308,19 +352,24 @@ def validate_batch(cfg: Config, batch_id: str) -> ValidationResult:
     report_dir = cfg.reports_dir / batch_id
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"stage-{batch_id}-", dir=cfg.state_dir) as tmp:
-        root = stage_batch(cfg, batch_id, Path(tmp) / "batch")
-        insp = _inspect(cfg, root, batch_id, Path(tmp), own_batch=batch_id)
-        if insp.rejection:
-            _quarantine(cfg, insp, insp.frame, "batch_rejected")
-            result = _result(cfg, insp, report_dir)
+        try:
+            root = stage_batch(cfg, batch_id, Path(tmp) / "batch")
+        except DataValidationError as exc:  # the batch's own fault: record it, don't retry
+            result = _failed(cfg, batch_id, report_dir, f"cannot stage the batch: {exc}")
         else:
-            _quarantine(cfg, insp, insp.frame[insp.failed], "")
-            version = _curate(cfg, insp)
-            result = _result(cfg, insp, report_dir, dataset_version=version,
-                             message=f"curated dataset version {version}")
+            insp = _inspect(cfg, root, batch_id, Path(tmp), own_batch=batch_id)
+            if insp.rejection:
+                _quarantine(cfg, insp, insp.frame, "batch_rejected")
+                result = _result(cfg, insp, report_dir)
+            else:
+                _quarantine(cfg, insp, insp.frame[insp.failed], "")
+                version = _curate(cfg, insp)
+                result = _result(cfg, insp, report_dir, dataset_version=version,
+                                 message=f"curated dataset version {version}")
     write_ledger(cfg, result)
-    log.info("batch %s %s: %d accepted, %d quarantined %s", batch_id, result.status,
-             result.accepted, result.quarantined, result.reasons)
+    write_index(cfg.reports_dir)
+    log.info("batch %s %s: %d accepted, %d quarantined %s %s", batch_id, result.status,
+             result.accepted, result.quarantined, result.reasons, result.message)
     return result
 
 

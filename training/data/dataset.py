@@ -5,28 +5,42 @@ Curated store layout (any :class:`~training.storage.Storage`):
     images/<sha[:2]>/<sha256>.<ext>   every accepted image, once, named by its content
     labels/<sha256>.txt               YOLO boxes of a smear field (class cx cy w h, normalised)
     manifests/v0001.csv ...           one row per image (columns: MANIFEST_COLUMNS)
-    manifests/LATEST                  the newest version number
+    manifests/LATEST                  a hint: the newest version number when it was written
 
-A manifest version is immutable. The split of an image, once assigned, never changes: new
-versions copy old rows and only deal splits to new subjects (see :func:`assign_splits`).
+A manifest version is immutable and written once: :meth:`Storage.create` refuses a version that
+exists, so two curations racing for version N+1 cannot both win. The loser re-reads the newest
+manifest and appends its rows to that (:func:`append_manifest`); writers on one machine also
+queue on a file lock under the state dir, so they rarely race at all. ``LATEST`` is written after
+the version it names and may lag behind (a crash, or two writers finishing out of order), so
+:func:`latest_version` reads it as a starting point and probes for newer versions.
+
+The split of an image, once assigned, never changes: new versions copy old rows and only deal
+splits to new subjects (see :func:`assign_splits`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pandas as pd
 
 from training.config import Config
-from training.errors import DataValidationError
+from training.errors import DataValidationError, StorageError
+from training.locks import file_lock
 from training.records import CuratedDataset
 from training.storage import Storage, open_storage
 
 __all__ = [
-    "MANIFEST_COLUMNS", "assign_splits", "curated_storage", "latest_version", "load_manifest",
-    "materialize", "measured_split_kind", "split_group", "test_set_sha256", "write_manifest",
+    "MANIFEST_COLUMNS", "append_manifest", "assign_splits", "curated_storage", "latest_version",
+    "load_manifest", "manifest_lock", "materialize", "measured_split_kind", "split_group",
+    "test_set_sha256", "write_manifest",
 ]
 
 MANIFEST_COLUMNS = [
@@ -34,6 +48,8 @@ MANIFEST_COLUMNS = [
     "split", "split_group", "label_key",
 ]
 SPLITS = ("train", "val", "test")
+MANIFEST_ATTEMPTS = 20  # conflicts in a row before append_manifest gives up
+log = logging.getLogger("leukoflow.dataset")
 
 
 def curated_storage(cfg: Config) -> Storage:
@@ -41,10 +57,17 @@ def curated_storage(cfg: Config) -> Storage:
 
 
 def latest_version(store: Storage) -> int:
-    """Newest manifest version, 0 when nothing was curated yet."""
-    if not store.exists("manifests/LATEST"):
-        return 0
-    return int(store.read_text("manifests/LATEST").strip())
+    """Newest manifest version, 0 when nothing was curated yet.
+
+    ``LATEST`` may lag behind the versions written (see the module docstring): the versions
+    after it are probed, so the answer is the newest version that exists.
+    """
+    version = 0
+    if store.exists("manifests/LATEST"):
+        version = int(store.read_text("manifests/LATEST").strip() or 0)
+    while store.exists(_manifest_key(version + 1)):
+        version += 1
+    return version
 
 
 def _manifest_key(version: int) -> str:
@@ -74,17 +97,78 @@ def load_manifest(cfg: Config, version: int | None = None) -> tuple[pd.DataFrame
     return df, ds
 
 
-def write_manifest(cfg: Config, df: pd.DataFrame) -> CuratedDataset:
-    """Write ``df`` as the next manifest version (rows sorted, so equal content = equal bytes)."""
-    store = curated_storage(cfg)
+def _manifest_bytes(df: pd.DataFrame) -> bytes:
+    """The CSV of a manifest: rows sorted, so equal content = equal bytes."""
     missing = set(MANIFEST_COLUMNS) - set(df.columns)
     if missing:
         raise DataValidationError(f"manifest lacks columns {sorted(missing)}")
     df = df[MANIFEST_COLUMNS].sort_values(["kind", "sha256"]).reset_index(drop=True)
-    version = latest_version(store) + 1
-    store.write_bytes(_manifest_key(version), df.to_csv(index=False).encode())
+    return df.to_csv(index=False).encode()
+
+
+@contextlib.contextmanager
+def manifest_lock(cfg: Config) -> Iterator[None]:
+    """Hold the lock of the curated store's manifests (one file per store under the state dir).
+
+    ``flock`` locks belong to an open file, so threads of one process queue as processes do.
+    Across machines the conditional write in :func:`append_manifest` is what keeps versions
+    apart; this lock only spares writers on one machine from racing and retrying.
+    """
+    name = hashlib.sha256(cfg.uri("curated").encode()).hexdigest()[:16]
+    with file_lock(cfg.state_dir / "locks" / f"manifest-{name}.lock"):
+        yield
+
+
+def _publish(store: Storage, version: int, data: bytes) -> bool:
+    """Create manifest ``version`` unless it exists; then point ``LATEST`` at it."""
+    if not store.create(_manifest_key(version), data):
+        return False
     store.write_text("manifests/LATEST", str(version))
+    return True
+
+
+def write_manifest(cfg: Config, df: pd.DataFrame) -> CuratedDataset:
+    """Write ``df`` as the next manifest version (rows sorted, so equal content = equal bytes).
+
+    ``df`` is the whole dataset: if another writer takes the next version meanwhile, this
+    raises rather than write ``df`` after it (that would drop the other writer's rows from the
+    newest version). To add rows to whatever is newest, use :func:`append_manifest`.
+    """
+    store = curated_storage(cfg)
+    data = _manifest_bytes(df)
+    with manifest_lock(cfg):
+        version = latest_version(store) + 1
+        if not _publish(store, version, data):
+            raise StorageError(f"manifest version {version} of {store.uri} was written by "
+                               "another curation meanwhile: nothing written")
     return load_manifest(cfg, version)[1]
+
+
+def append_manifest(cfg: Config,
+                    extend: Callable[[pd.DataFrame], pd.DataFrame | None]) -> int:
+    """Write ``extend(newest manifest)`` as the next version; return the version now newest.
+
+    ``extend`` gets the newest manifest (an empty frame before the first) and returns the
+    complete next one, or None when it has nothing to add. If another writer takes the next
+    version first, the newest manifest is read again and ``extend`` called again, so rows of
+    concurrent curations all reach the newest version; nothing is ever overwritten.
+    """
+    store = curated_storage(cfg)
+    with manifest_lock(cfg):
+        for attempt in range(MANIFEST_ATTEMPTS):
+            version = latest_version(store)
+            old = (load_manifest(cfg, version)[0] if version
+                   else pd.DataFrame(columns=MANIFEST_COLUMNS))
+            new = extend(old)
+            if new is None:
+                return version
+            if _publish(store, version + 1, _manifest_bytes(new)):
+                return version + 1
+            log.info("manifest version %d of %s was taken by another writer: retrying on it",
+                     version + 1, store.uri)
+            time.sleep(random.uniform(0, 0.05 * 2 ** min(attempt, 5)))
+    raise StorageError(f"could not write a new manifest version of {store.uri}: "
+                       f"{MANIFEST_ATTEMPTS} concurrent writers got there first")
 
 
 def split_group(row: pd.Series, level: str = "subject") -> str:

@@ -19,6 +19,9 @@ Names starting with ``.``, the ``_READY`` marker and text sidecars (``.txt``, ``
 ``.yaml``, ...; see ``SIDECAR_SUFFIXES``) are never images. Any other file is a record, even with
 an odd extension, so a mislabelled upload is quarantined with a reason instead of vanishing.
 Files are only listed and label files parsed here; pixels are read by ``training.data.metadata``.
+Every file that is not a record gets a reason from :func:`unlisted_files` (batch metadata, a
+label file, a document, outside the layout's image folder, ...), so the steward's report can
+account for every file of the batch.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ __all__ = [
     "class_names",
     "detect_layout",
     "import_batch",
+    "unlisted_files",
 ]
 
 LAYOUTS = ("manifest", "cnmc", "yolo", "voc", "class_folders")
@@ -374,3 +378,40 @@ def class_names(root: Path, layout: str) -> list[str]:
     if layout == "voc":
         return _voc_names(_voc_parse_all(root))
     return []
+
+
+def unlisted_files(root: Path, layout: str, record_paths: set[str]) -> dict[str, str]:
+    """Every file under ``root`` that is not one of ``record_paths``, with why it is not.
+
+    Reasons: ``batch_metadata`` (completion marker, the batch's manifest.csv), ``hidden_file``,
+    ``label_file`` / ``layout_file`` (YOLO labels and data.yaml, VOC annotations: read with
+    their image), ``not_an_image:<suffix>`` (documents and other sidecars), ``not_in_manifest``
+    (a manifest batch's file the manifest does not name), ``outside_image_folder`` (YOLO/VOC
+    files outside ``images/`` or ``JPEGImages/``), ``not_listed`` otherwise.
+    """
+    root = Path(root)
+    out: dict[str, str] = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if rel in record_paths:
+            continue
+        parts = PurePosixPath(rel).parts
+        if rel in (READY_MARKER, MANIFEST):
+            why = "batch_metadata"
+        elif any(part.startswith(".") for part in parts):
+            why = "hidden_file"
+        elif layout == "yolo" and rel == "data.yaml":
+            why = "layout_file"
+        elif (layout == "yolo" and parts[0] == "labels" and rel.endswith(".txt")) or (
+                layout == "voc" and parts[0] == "Annotations" and rel.endswith(".xml")):
+            why = "label_file"
+        elif _is_sidecar(path.name):
+            why = f"not_an_image:{PurePosixPath(rel).suffix.lower() or path.name}"
+        elif layout == "manifest":
+            why = "not_in_manifest"
+        elif layout in ("yolo", "voc"):
+            why = "outside_image_folder"
+        else:
+            why = "not_listed"
+        out[rel] = why
+    return out

@@ -1,7 +1,8 @@
 """Putting batches into the landing zone the way an uploader must: files first, marker last.
 
-The platform reads a batch only once its ``_READY`` marker exists, so uploading the marker
-after every file is what makes a half-finished upload invisible.
+The platform reads a batch only once its ``_READY`` marker exists (or a ``manifest.csv`` whose
+named files are all there), so the order is: every data file, then ``manifest.csv``, then
+``_READY``. An upload cut short anywhere leaves a batch that discovery does not pick up.
 """
 
 from __future__ import annotations
@@ -27,7 +28,13 @@ def upload_batch(cfg: Config, local_dir: Path, batch_id: str) -> str:
     files = sorted(p for p in Path(local_dir).rglob("*") if p.is_file() and p.name != READY)
     if not files:
         raise DataValidationError(f"{local_dir} holds no files to upload")
-    for path in files:
+    markers = [m for m in cfg.storage.ready_markers if m != READY]  # e.g. manifest.csv
+
+    def rank(path: Path) -> int:  # data files first, then the manifest(s), _READY is not here
+        rel = path.relative_to(local_dir).as_posix()
+        return markers.index(rel) + 1 if rel in markers else 0
+
+    for path in sorted(files, key=rank):  # stable: data files stay in name order
         store.copy_in(path, f"{batch_id}/{path.relative_to(local_dir).as_posix()}")
     store.write_bytes(f"{batch_id}/{READY}", b"")
     return batch_id

@@ -1,5 +1,8 @@
 """The data steward's report on one batch: ``summary.json`` and ``quarantine.html``.
 
+``index.html`` beside the batch folders lists every batch reported so far with its verdict
+(accepted, rejected, or failed: could not be read at all, and why) and links to its page.
+
 ``quarantine.html`` is one self-contained page (no scripts, no external files): every file the
 batch lost, a small thumbnail (base64 PNG) or a grey box where the file cannot be decoded, its
 reasons, what it duplicates, and a link to the GX Data Docs that hold the full suite results.
@@ -11,6 +14,7 @@ import base64
 import html
 import io
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,9 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
-__all__ = ["MAX_THUMBNAILS", "THUMBNAIL_SIDE", "thumbnail_data_uri", "write_report"]
+__all__ = [
+    "MAX_THUMBNAILS", "THUMBNAIL_SIDE", "thumbnail_data_uri", "write_index", "write_report",
+]
 
 THUMBNAIL_SIDE = 96
 MAX_THUMBNAILS = 400  # a rejected batch of thousands of files keeps the page a few MB at most
@@ -105,6 +111,21 @@ def _expectations_html(expectations: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def _files_html(summary: dict[str, Any]) -> str:
+    """Where every file of the batch went, and the files that are no record (with why)."""
+    files = summary.get("files")
+    ignored = summary.get("ignored") or {}
+    if not files and not ignored:
+        return ""
+    counts = (f"<p>{files['present']} file(s) in the batch: {files['curated']} curated, "
+              f"{files['quarantined']} quarantined, {files['ignored']} ignored (left in landing)."
+              "</p>" if files else "")
+    rows = "".join(f"<tr><td><code>{_cell(p)}</code></td><td>{_cell(why)}</td></tr>"
+                   for p, why in sorted(ignored.items()))
+    return (f"<h2>Files</h2>{counts}<h2>Ignored files ({len(ignored)})</h2>"
+            f"<table><tr><th>path</th><th>why</th></tr>{rows}</table>")
+
+
 def _page(summary: dict[str, Any], rows: pd.DataFrame, root: Path,
           expectations: list[dict[str, Any]]) -> str:
     docs = summary.get("data_docs")
@@ -127,6 +148,7 @@ def _page(summary: dict[str, Any], rows: pd.DataFrame, root: Path,
 {summary['accepted']} accepted, {summary['quarantined']} quarantined. {docs_link}.</p>
 <h2>Quarantine reasons</h2><ul>{reasons or '<li>none</li>'}</ul>
 <h2>Warnings (soft bounds; files kept)</h2><ul>{warns or '<li>none</li>'}</ul>
+{_files_html(summary)}
 <h2>Quarantined files ({len(rows)})</h2>
 <table><tr><th>image</th><th>path</th><th>kind</th><th>label</th><th>reasons</th>
 <th>duplicate of</th></tr>
@@ -164,3 +186,41 @@ def write_report(
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(report_dir / "quarantine.html")
     return report_dir
+
+
+def write_index(reports_dir: Path) -> Path:
+    """Write ``reports_dir/index.html``: one row per ``<batch>/summary.json``, newest first."""
+    reports_dir = Path(reports_dir)
+    summaries = []
+    for path in reports_dir.glob("*/summary.json"):
+        try:
+            summaries.append((path.stat().st_mtime, json.loads(path.read_text())))
+        except (OSError, ValueError):
+            continue  # being rewritten right now: the next index has it
+    rows = []
+    for _, s in sorted(summaries, key=lambda t: (-t[0], t[1].get("batch_id", ""))):
+        status = str(s.get("status", ""))
+        why = s.get("rejection_reason") or s.get("message") or ""
+        cls = "ok" if status == "accepted" else "bad"
+        batch = str(s.get("batch_id", ""))
+        rows.append(
+            f'<tr><td><a href="{html.escape(batch)}/quarantine.html"><code>{_cell(batch)}'
+            f'</code></a></td><td class="{cls}">{_cell(status)}</td>'
+            f"<td>{_cell(s.get('images', ''))}</td><td>{_cell(s.get('accepted', ''))}</td>"
+            f"<td>{_cell(s.get('quarantined', ''))}</td>"
+            f"<td>{_cell(s.get('files', {}).get('ignored', ''))}</td><td>{_cell(why)}</td></tr>"
+        )
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>leukoflow batches</title>
+<style>{_CSS}</style></head><body>
+<h1>Batches ({len(rows)})</h1>
+<table><tr><th>batch</th><th>status</th><th>images</th><th>accepted</th><th>quarantined</th>
+<th>ignored</th><th>why</th></tr>
+{chr(10).join(rows)}
+</table></body></html>
+"""
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    tmp = reports_dir / f".index.html.{os.getpid()}.tmp"
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(reports_dir / "index.html")
+    return reports_dir / "index.html"

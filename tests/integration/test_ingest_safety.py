@@ -1,0 +1,321 @@
+"""Nothing a data steward or an app sends is lost, silently skipped or half-read (issue 9).
+
+Against the local backend and a real S3-protocol server on loopback (moto's HTTP server).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from pathlib import Path
+
+import pytest
+
+from training.config import Config, load_config
+from training.data import dataset
+from training.dev.synth import make_cell_batch, write_ready
+
+pytestmark = pytest.mark.integration
+
+SMALL = {"n_subjects_per_class": 2, "images_per_subject": 3, "size": 48}
+
+
+def _s3_config(home: Path, endpoint: str, bucket: str, **overrides: object) -> Config:
+    return load_config(home=home, validation={"workers": 1}, storage={
+        "landing_uri": f"s3://{bucket}/landing", "curated_uri": f"s3://{bucket}/curated",
+        "quarantine_uri": f"s3://{bucket}/quarantine", "s3_endpoint_url": endpoint},
+        **overrides)
+
+
+# ------------------------------------------------------------------ 1: concurrent curation
+def _curate_in_child(cfg: Config, batch_id: str, barrier, results) -> None:
+    """One curation in its own process; both meet at a barrier after reading the manifest.
+
+    The barrier is soft (it times out): with a lock around read-and-write, the second
+    curation only reads the manifest after the first wrote it, and must not wait forever.
+    """
+    from training.data import curation
+
+    real = dataset.assign_splits
+    met = threading.Event()
+
+    def assign_then_meet(df, c):
+        out = real(df, c)
+        if not met.is_set():
+            met.set()
+            try:
+                barrier.wait(timeout=4)
+            except threading.BrokenBarrierError:
+                pass
+        return out
+
+    dataset.assign_splits = assign_then_meet
+    try:
+        results[batch_id] = curation.validate_batch(cfg, batch_id).status
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        results[batch_id] = f"error: {exc!r}"
+
+
+def _race(configs: dict[str, Config]) -> dict[str, str]:
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(len(configs))
+    with ctx.Manager() as manager:
+        results = manager.dict()
+        procs = [ctx.Process(target=_curate_in_child, args=(cfg, batch_id, barrier, results))
+                 for batch_id, cfg in configs.items()]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=300)
+        return dict(results)
+
+
+def _newest_batches(cfg: Config) -> list[str]:
+    return dataset.load_manifest(cfg)[1].batch_ids
+
+
+def test_concurrent_local_curations_keep_both_batches(tmp_path: Path):
+    cfg = load_config(home=tmp_path / "home", validation={"workers": 1})
+    for seed, batch_id in enumerate(("left", "right")):
+        make_cell_batch(cfg.home / "landing" / batch_id, seed=seed + 1, **SMALL)
+        write_ready(cfg.home / "landing" / batch_id)
+    assert _race({"left": cfg, "right": cfg}) == {"left": "accepted", "right": "accepted"}
+    manifest, ds = dataset.load_manifest(cfg)
+    assert ds.version == 2 and ds.batch_ids == ["left", "right"]
+    assert len(manifest) == 24 and manifest["sha256"].is_unique
+
+
+def test_concurrent_s3_curations_on_two_hosts_keep_both_batches(tmp_path, s3_endpoint,
+                                                                s3_bucket):
+    """Two workers with their own state dirs (no shared lock): the conditional write decides."""
+    from training.data.landing import upload_batch
+
+    hosts = {b: _s3_config(tmp_path / f"host-{b}", s3_endpoint, s3_bucket)
+             for b in ("left", "right")}
+    for seed, batch_id in enumerate(hosts):
+        make_cell_batch(tmp_path / "src" / batch_id, seed=seed + 1, **SMALL)
+        upload_batch(hosts[batch_id], tmp_path / "src" / batch_id, batch_id)
+    assert _race(hosts) == {"left": "accepted", "right": "accepted"}
+    manifest, ds = dataset.load_manifest(hosts["left"])
+    assert ds.version == 2 and ds.batch_ids == ["left", "right"]
+    assert len(manifest) == 24 and manifest["sha256"].is_unique
+
+
+def test_a_manifest_version_is_never_overwritten(tmp_path, s3_endpoint, s3_bucket, monkeypatch):
+    from training.errors import StorageError
+
+    for cfg in (load_config(home=tmp_path / "local"),
+                _s3_config(tmp_path / "s3", s3_endpoint, s3_bucket)):
+        store = dataset.curated_storage(cfg)
+        assert store.create("manifests/v0001.csv", b"first")
+        assert not store.create("manifests/v0001.csv", b"second")
+        assert store.read_bytes("manifests/v0001.csv") == b"first"
+        assert dataset.latest_version(store) == 1  # LATEST was never written: probed
+        store.write_text("manifests/LATEST", "1")
+        assert store.create("manifests/v0002.csv", b"third")  # LATEST lags behind
+        assert dataset.latest_version(store) == 2
+        with monkeypatch.context() as m:  # another writer took the version we read as next
+            m.setattr(dataset, "latest_version", lambda s: 1)
+            with pytest.raises(StorageError, match="written by another curation"):
+                dataset.write_manifest(cfg, dataset.pd.DataFrame(
+                    columns=dataset.MANIFEST_COLUMNS))
+        assert store.read_bytes("manifests/v0002.csv") == b"third"
+
+
+# ------------------------------------------------------------- 2: half-uploaded batches
+def _with_manifest(root: Path, seed: int) -> list[Path]:
+    """A C-NMC cell batch plus a ``manifest.csv`` naming every image, and a late file."""
+    files = make_cell_batch(root, seed=seed, **SMALL)
+    (root / "zz_late.png").write_bytes(files[0].read_bytes()[:-1] + b"\x00")
+    lines = ["path,label,subject_id"] + [
+        f"{p.relative_to(root).as_posix()},{p.stem.split('_')[-1]},{p.stem.split('_')[1]}"
+        for p in sorted(root.rglob("*.png"))]
+    (root / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def test_an_upload_is_invisible_until_its_last_file(tmp_path, s3_endpoint, s3_bucket,
+                                                    monkeypatch):
+    """Data files, then manifest.csv, then _READY; discovery finds nothing before the end."""
+    from training.data.batches import discover_batches
+    from training.data.landing import upload_batch
+    from training.storage import S3Storage
+
+    cfg = _s3_config(tmp_path / "home", s3_endpoint, s3_bucket)
+    files = _with_manifest(tmp_path / "src", seed=7)
+    order: list[str] = []
+    real_copy = S3Storage.copy_in
+
+    def copy_then_look(self, src, key):
+        real_copy(self, src, key)
+        order.append(key.split("/", 1)[1])
+        if order[-1] != "manifest.csv":  # a consistent manifest.csv completes the batch
+            assert discover_batches(cfg) == [], f"discovered after uploading only {order}"
+
+    monkeypatch.setattr(S3Storage, "copy_in", copy_then_look)
+    upload_batch(cfg, tmp_path / "src", "steward-1")
+    assert len(order) == len(files) and order[-1] == "manifest.csv"
+    assert [b.batch_id for b in discover_batches(cfg)] == ["steward-1"]
+
+
+def test_a_half_uploaded_manifest_batch_is_not_discovered(tmp_path, s3_endpoint, s3_bucket):
+    """A manifest that landed before (some of) its images, or was cut short, waits."""
+    from training.data.batches import discover_batches, landing_storage
+    from training.data.curation import validate_batch
+
+    cfg = _s3_config(tmp_path / "home", s3_endpoint, s3_bucket)
+    root = tmp_path / "src"
+    files = _with_manifest(root, seed=8)
+    store = landing_storage(cfg)
+    manifest = (root / "manifest.csv").read_bytes()
+    store.write_bytes("b/manifest.csv", manifest[: len(manifest) - 6])  # cut mid-row
+    assert discover_batches(cfg) == []
+    store.write_bytes("b/manifest.csv", manifest)
+    for path in files[:3]:  # an uploader that sends the manifest first
+        store.copy_in(path, f"b/{path.relative_to(root).as_posix()}")
+    assert discover_batches(cfg) == []
+    result = validate_batch(cfg, "b")
+    assert result.status == "skipped" and "marker" in result.message
+    assert not list(dataset.curated_storage(cfg).list())  # nothing read, nothing written
+    for path in files[3:]:
+        store.copy_in(path, f"b/{path.relative_to(root).as_posix()}")
+    assert [(b.batch_id, b.marker) for b in discover_batches(cfg)] == [("b", "manifest.csv")]
+    result = validate_batch(cfg, "b")
+    assert (result.status, result.images) == ("accepted", len(files) - 1)  # all but manifest
+
+
+# ---------------------------------------------- 3: console folder objects, failing batches
+def _console_upload(cfg: Config, src: Path, batch_id: str) -> None:
+    """Upload as a person does in the MinIO/AWS console: zero-byte ``folder/`` objects too."""
+    from training.data.batches import landing_storage
+    from training.data.landing import upload_batch
+
+    store = landing_storage(cfg)
+    store.write_bytes(f"{batch_id}/", b"")
+    for folder in sorted({p.parent for p in src.rglob("*") if p.is_file()} - {src}):
+        store.write_bytes(f"{batch_id}/{folder.relative_to(src).as_posix()}/", b"")
+    upload_batch(cfg, src, batch_id)
+
+
+def _emit(cfg: Config, results: list[dict | None], monkeypatch) -> tuple[dict, dict]:
+    """Run the ingest DAG's ``emit_dataset`` task callable on these validate results."""
+    from training.dev.localenv import airflow_env
+
+    repo = Path(__file__).resolve().parents[2]
+    for key, value in airflow_env(cfg).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.syspath_prepend(str(repo / "plugins"))
+    from airflow.dag_processing.dagbag import DagBag
+    from leukoflow_dag_support import CURATED_DATASET
+
+    bag = DagBag(dag_folder=str(repo / "dags" / "leukoflow_ingest.py"), safe_mode=False)
+    task = bag.dags["ingest_validate"].get_task("emit_dataset")
+    assert task.trigger_rule == "all_done"  # runs even when a validate task crashed
+
+    class Event:
+        extra: dict = {}
+
+    events = {CURATED_DATASET: Event()}
+    out = task.python_callable(results=results, params={"config": {
+        "home": str(cfg.home), "storage": cfg.storage.model_dump()}}, outlet_events=events)
+    return out, events[CURATED_DATASET].extra
+
+
+def test_console_folder_objects_do_not_stop_a_batch(tmp_path, s3_endpoint, s3_bucket):
+    from training.data.batches import discover_batches
+    from training.data.curation import validate_batch
+
+    cfg = _s3_config(tmp_path / "home", s3_endpoint, s3_bucket)
+    make_cell_batch(tmp_path / "src", seed=9, **SMALL)
+    _console_upload(cfg, tmp_path / "src", "console")
+    assert [b.batch_id for b in discover_batches(cfg)] == ["console"]
+    result = validate_batch(cfg, "console")
+    assert (result.status, result.images, result.accepted) == ("accepted", 12, 12)
+
+
+def test_a_failing_batch_does_not_stop_the_dataset_event(tmp_path, s3_endpoint, s3_bucket,
+                                                          monkeypatch):
+    import json
+
+    from training.data.batches import discover_batches, landing_storage, read_ledger
+    from training.data.curation import validate_batch
+
+    cfg = _s3_config(tmp_path / "home", s3_endpoint, s3_bucket)
+    make_cell_batch(tmp_path / "good", seed=10, **SMALL)
+    _console_upload(cfg, tmp_path / "good", "good")
+    store = landing_storage(cfg)  # a file and a folder of the same name: cannot be staged
+    store.write_bytes("clash/cells", b"not a folder")
+    store.write_bytes("clash/cells/UID_1_1_1_all.png", b"png")
+    store.write_bytes("clash/_READY", b"")
+    assert [b.batch_id for b in discover_batches(cfg)] == ["clash", "good"]
+
+    results = [validate_batch(cfg, b).to_dict() for b in ("clash", "good")]
+    assert [r["status"] for r in results] == ["failed", "accepted"]
+    ledger = read_ledger(cfg, "clash")
+    assert ledger.status == "failed" and "cannot be staged" in ledger.message
+    summary = json.loads((cfg.reports_dir / "clash" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "cannot be staged" in summary["rejection_reason"]
+    index = (cfg.reports_dir / "index.html").read_text()
+    assert "clash" in index and "failed" in index and "cannot be staged" in index
+    assert "good" in index and "accepted" in index
+    assert discover_batches(cfg) == []  # recorded: not retried on every run
+    assert validate_batch(cfg, "clash").to_dict() == results[0]
+
+    # None: a validate task that crashed
+    dataset_record, extra = _emit(cfg, [*results, None], monkeypatch)
+    assert dataset_record["batch_ids"] == ["good"] and extra == {"version": 1}
+
+
+# ------------------------------------------------------------ 4: every file accounted for
+def test_every_file_of_a_batch_is_accounted_for(tmp_path, s3_endpoint, s3_bucket):
+    import io
+    import json
+
+    import boto3
+    import pandas as pd
+
+    from training.data.batches import discover_batches
+    from training.data.curation import validate_batch
+    from training.data.landing import upload_batch
+    from training.dev.synth import make_bad_files
+
+    cfg = _s3_config(tmp_path / "home", s3_endpoint, s3_bucket)
+    src = tmp_path / "src"
+    make_cell_batch(src, seed=11, **SMALL)
+    make_bad_files(src / "fold_0" / "all", seed=11)
+    (src / "protocol.pdf").write_bytes(b"%PDF-1.4 the lab's protocol")
+    (src / "notes.txt").write_text("scanned on the old microscope\n")
+    (src / "fold_0" / "scan.xyz").write_bytes(b"\x00\x01 unknown format")
+    (src / ".DS_Store").write_bytes(b"\x00")
+    upload_batch(cfg, src, "mixed")
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+
+    def bucket() -> dict[str, str]:
+        return {o["Key"]: o["ETag"] for o in s3.list_objects_v2(Bucket=s3_bucket)["Contents"]}
+
+    landing_before = {k: v for k, v in bucket().items() if k.startswith("landing/")}
+    result = validate_batch(cfg, "mixed")
+    assert result.status == "accepted"
+
+    summary = json.loads((cfg.reports_dir / "mixed" / "summary.json").read_text())
+    files = {p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()} | {"_READY"}
+    counts = summary["files"]
+    assert counts["present"] == len(files)
+    assert counts["curated"] + counts["quarantined"] + counts["ignored"] == len(files)
+    assert summary["ignored"] == {"_READY": "batch_metadata", ".DS_Store": "hidden_file",
+                                  "notes.txt": "not_an_image:.txt",
+                                  "protocol.pdf": "not_an_image:.pdf"}
+    manifest, _ = dataset.load_manifest(cfg)
+    curated = {s.split("/", 1)[1] for s in manifest["source"]}
+    raw = s3.get_object(Bucket=s3_bucket, Key="quarantine/mixed/reasons.csv")["Body"].read()
+    quarantined = set(pd.read_csv(io.BytesIO(raw), dtype=str)["path"])
+    assert "fold_0/scan.xyz" in quarantined
+    groups = (curated, quarantined, set(summary["ignored"]))
+    assert set().union(*groups) == files and sum(map(len, groups)) == len(files)  # disjoint
+    page = (cfg.reports_dir / "mixed" / "quarantine.html").read_text()
+    assert "Ignored files (4)" in page and "not_an_image:.pdf" in page
+
+    after = bucket()
+    assert {k: v for k, v in after.items() if k.startswith("landing/")} == landing_before
+    assert validate_batch(cfg, "mixed") == result and discover_batches(cfg) == []
+    assert bucket() == after  # a second ingest changes nothing
