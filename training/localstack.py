@@ -170,7 +170,7 @@ def _signal_all(pids: list[int], sig: int) -> None:
             pass
 
 
-def _stop_session(sid: int, grace_s: float = 10) -> None:
+def _stop_session(sid: int, grace_s: float = 30) -> None:
     """SIGTERM the leader's group, then every process left in its session; SIGKILL stragglers."""
     try:
         os.killpg(sid, signal.SIGTERM)

@@ -30,7 +30,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.integration,
               pytest.mark.timeout(2400)]
 HERE = Path(__file__).resolve().parent
 QUIET_WINDOW_S = 120  # "no failed run within the first two minutes"
-IMG_DIR = HERE.parents[1] / "docs" / "img"
+IMG_DIR = HERE.parents[1] / "docs" / "img"  # written only with UPDATE_DOCS_IMG=1
+CHROMIUM = "/usr/bin/chromium"
 
 
 def _free_port() -> int:
@@ -121,6 +122,10 @@ def stack(tmp_path_factory):
             stop_all(cfg)
             left = {name: _session(pid) for name, pid in pids.items() if _session(pid)}
             assert not left, f"processes left after stop_all: {left}"
+            for var in ("LEUKOFLOW_AIRFLOW_PORT", "LEUKOFLOW_SERVING__PORT"):
+                with socket.socket() as s:  # the Bento's circus tree has sessions of its own
+                    assert s.connect_ex(("127.0.0.1", int(os.environ[var]))) != 0, \
+                        f"something still listens on {var}={os.environ[var]} after stop_all"
 
 
 def test_up_after_demo_starts_without_failures_or_duplicate_retrain(stack):
@@ -186,3 +191,48 @@ def test_triggered_ingest_leads_to_asset_triggered_retrain(stack):
     assert any(mv.tags.get("airflow_run_id") == run[0]
                and mv.tags.get("dataset_version") == str(version) for mv in versions), \
         [(mv.version, mv.tags) for mv in versions]
+
+
+def test_chain_triggered_from_the_airflow_ui(stack, tmp_path):
+    """A person's path: log in, open ingest_validate, Trigger, the params form, run it."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no browser at {CHROMIUM}: `apt-get install -y chromium` (make install "
+                    "does it when run as root)")
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="playwright is not installed (the `test` extra)")
+    out = IMG_DIR if os.environ.get("UPDATE_DOCS_IMG") == "1" else tmp_path
+    out.mkdir(parents=True, exist_ok=True)
+    pw_file = stack.cfg.home / "airflow" / "simple_auth_manager_passwords.json.generated"
+    password = json.loads(pw_file.read_text())["admin"]
+    before = {r[1] for r in stack.runs("ingest_validate")}
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.set_default_timeout(60_000)
+            page.goto(f"{stack.url}/")
+            page.locator("input[name=username]").fill("admin")
+            page.locator("input[name=password]").fill(password)
+            page.get_by_role("button", name="Sign in").click()
+            page.get_by_text("ingest_validate").first.wait_for()
+            page.get_by_text("retrain").first.wait_for()
+            page.wait_for_load_state("networkidle")
+            page.screenshot(path=str(out / "airflow-dags.png"))
+            page.goto(f"{stack.url}/dags/ingest_validate")
+            page.get_by_role("button", name="Trigger").click()
+            dialog = page.get_by_role("dialog")
+            dialog.get_by_text("config overrides (nested keys)").wait_for()
+            page.wait_for_timeout(500)  # let the JSON editor paint
+            page.screenshot(path=str(out / "airflow-trigger-form.png"))
+            dialog.get_by_role("button", name="Trigger", exact=True).click()
+            dialog.wait_for(state="hidden")
+        finally:
+            browser.close()
+    assert (out / "airflow-trigger-form.png").stat().st_size > 10_000
+    new = _wait_for("the run triggered from the UI",
+                    lambda: [r for r in stack.runs("ingest_validate") if r[1] not in before],
+                    60, stack, poll_s=1)
+    run_id = new[0][1]
+    _wait_for(f"ingest_validate {run_id} (triggered from the UI) to succeed",
+              lambda: ("ingest_validate", run_id, "manual", "success")
+              in stack.runs("ingest_validate"), 300, stack)
