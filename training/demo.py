@@ -188,7 +188,7 @@ def _where(cfg: Config) -> None:
     Bentos         {cfg.bentoml_home}
     Logs           {cfg.home / 'logs'}
     MLflow UI      .venv/bin/mlflow ui --backend-store-uri {cfg.tracking_uri} --port 5000
-    Airflow UI     .venv/bin/leukoflow airflow standalone   (AIRFLOW_HOME={env['AIRFLOW_HOME']})
+    Airflow UI     make up, then http://127.0.0.1:{env['AIRFLOW__API__PORT']} (user admin)
     Everything     make up (Airflow :8080, MLflow :5000, service :{cfg.serving.port}); make down""")
 
 
