@@ -215,7 +215,6 @@ def test_chain_triggered_from_the_airflow_ui(stack, tmp_path):
             page.locator("input[name=password]").fill(password)
             page.get_by_role("button", name="Sign in").click()
             page.get_by_text("ingest_validate").first.wait_for()
-            page.get_by_text("retrain").first.wait_for()
             page.wait_for_load_state("networkidle")
             page.screenshot(path=str(out / "airflow-dags.png"))
             page.goto(f"{stack.url}/dags/ingest_validate")
