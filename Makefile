@@ -15,6 +15,13 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip wheel setuptools
 	$(BIN)/python -m pip install --progress-bar off -e '.[test]'
+	@# the browser tests drive Debian's Chromium (Playwright's own download needs internet)
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -q && apt-get install -y -q chromium) || \
+	      echo "could not install chromium: the browser tests will skip"; \
+	  else echo "no /usr/bin/chromium and not root: the browser tests will skip"; fi; \
+	fi
 	touch $@
 
 demo: install

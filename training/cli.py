@@ -200,18 +200,26 @@ def publish(ctx: click.Context) -> None:
     _echo_json(do_publish(_cfg(ctx), []))
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 @main.command()
 @click.option("--port", type=int, default=None, help="Default: serving.port of the config.")
 @click.option("--source", is_flag=True, help="Serve this checkout's service, not the Bento.")
 @click.pass_context
 def serve(ctx: click.Context, port: int | None, source: bool) -> None:
     """Serve the last published Bento (the champions) on loopback until Ctrl-C."""
+    import signal
     import time
 
     from training.publish.bento import serve as run_server
 
     cfg = _cfg(ctx)
     target = None if source else "leukoflow:latest"
+    # `make down` sends SIGTERM: stop the Bento's circus tree as Ctrl-C does (circus puts its
+    # workers in sessions of their own, out of reach of a signal to this process's group)
+    signal.signal(signal.SIGTERM, _interrupt)
     with run_server(cfg, port=port or cfg.serving.port, target=target) as url:
         click.echo(f"serving {target or 'serving.service:LeukoflowAPI'} at {url} "
                    f"(docs {url}/docs); Ctrl-C stops")

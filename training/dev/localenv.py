@@ -59,6 +59,7 @@ def service_env(cfg: Config) -> dict[str, str]:
 def airflow_env(cfg: Config) -> dict[str, str]:
     """Airflow on SQLite under ``home/airflow``, reading this checkout's dags/ and plugins/."""
     airflow_home = cfg.home / "airflow"
+    port = os.environ.get("LEUKOFLOW_AIRFLOW_PORT", "8080")
     return {
         **service_env(cfg),
         "AIRFLOW_HOME": str(airflow_home),
@@ -69,7 +70,11 @@ def airflow_env(cfg: Config) -> dict[str, str]:
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
-        "AIRFLOW__API__PORT": os.environ.get("LEUKOFLOW_AIRFLOW_PORT", "8080"),
+        "AIRFLOW__API__PORT": port,
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        # Task processes report to the execution API; Airflow's default URL is always
+        # localhost:8080, whatever port the API server listens on.
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
         "NO_PROXY": "*",
         # `airflow standalone` starts its components as `airflow ...` from PATH
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
