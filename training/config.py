@@ -69,6 +69,9 @@ class ValidationConfig(_Section):
     min_batch_size: int = Field(1, ge=1)
     class_share_range: tuple[float, float] = (0.0, 1.0)  # each cell class's share of a batch
     workers: int | None = None  # metadata extraction processes; None = all cores
+    # pHash bits that may differ for two images to be near-duplicate candidates (then confirmed
+    # by pixels): the test-leak check and the split's twin check (training.data.leakage)
+    near_duplicate_hamming: int = Field(4, ge=0, le=64)
 
 
 class SplitConfig(_Section):

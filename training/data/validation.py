@@ -176,7 +176,7 @@ def prepare_frame(
         ref_ids, ref_hashes = list(test_phashes), list(test_phashes.values())
     else:
         ref_ids, ref_hashes = [], list(test_phashes)
-    near = hamming_neighbours(frame["phash"], ref_hashes)
+    near = hamming_neighbours(frame["phash"], ref_hashes, cfg.validation.near_duplicate_hamming)
     if confirm_leak is not None and ref_ids:
         leaks = [bool(n) and ok and confirm_leak(path, [ref_ids[j] for j in n])
                  for n, ok, path in zip(near, frame["decodable"], frame["path"], strict=True)]
