@@ -470,3 +470,45 @@ def test_concurrent_batches_with_one_picture_are_checked_under_the_lock(tmp_path
     assert sum(json.loads((cfg.reports_dir / b / "summary.json").read_text())["files"][
         "curated"] for b in ("left", "right")) == len(manifest)
     assert _straddling_twins(cfg, manifest) == []
+
+
+# -------------------------------------------- 6: discovery by the ledger and one folder listing
+def test_discovery_lists_folders_and_the_ledger_not_every_file(tmp_path, s3_endpoint, s3_bucket,
+                                                               monkeypatch):
+    """Batch ids come from a delimiter listing, processed ones from the ledger's keys: no full
+    listing of the landing zone, no per-batch request for a batch already processed."""
+    from training.data.batches import discover_batches, landing_storage, write_ledger
+    from training.records import ValidationResult
+    from training.storage import S3Storage
+
+    cfg = _s3_config(tmp_path / "home", s3_endpoint, s3_bucket)
+    landing = landing_storage(cfg)
+    for i in range(30):
+        for name in ("fold_0/all/a.png", "fold_0/hem/b.png", "_READY"):
+            landing.write_bytes(f"b{i:03d}/{name}", b"x")
+    landing.write_bytes("b900/", b"")  # a console folder object, nothing else yet
+    landing.write_bytes("b901/cells/c.png", b"x")  # still uploading: no marker
+    landing.write_bytes("stray.txt", b"x")  # a file at the top: no batch
+    for i in range(25):
+        write_ledger(cfg, ValidationResult(f"b{i:03d}", "accepted", "cnmc", 2, 2, 0, {}, "",
+                                           None))
+    calls: list[tuple[str, str]] = []
+    real_list, real_exists = S3Storage.list, S3Storage.exists
+
+    def list_(self, prefix=""):
+        calls.append(("list", self.prefix + prefix))
+        return real_list(self, prefix)
+
+    def exists(self, key):
+        calls.append(("exists", self.prefix + key))
+        return real_exists(self, key)
+
+    monkeypatch.setattr(S3Storage, "list", list_)
+    monkeypatch.setattr(S3Storage, "exists", exists)
+    assert [b.batch_id for b in discover_batches(cfg)] == [f"b{i:03d}" for i in range(25, 30)]
+    assert ("list", "landing/") not in calls  # no walk of every file in the landing zone
+    assert ("list", "curated/batches/") in calls
+    probed = {key.split("/")[1] for op, key in calls if op == "exists"}
+    assert probed == {f"b{i:03d}" for i in range(25, 30)} | {"b900", "b901"}
+    assert landing.list_dirs("") == [*(f"b{i:03d}" for i in range(30)), "b900", "b901"]
+    assert landing.list_dirs("b000/fold_0") == ["all", "hem"]
