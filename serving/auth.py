@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
@@ -57,6 +58,8 @@ __all__ = [
     "revoke_key",
     "verify",
 ]
+
+log = logging.getLogger("leukoflow.auth")
 
 # Probes, metrics and the OpenAPI page (BentoML serves Swagger UI at "/" and the spec at
 # /docs.json): they reveal the API's shape, never data, and orchestrators cannot send keys.
@@ -99,6 +102,11 @@ class ApiKeyMiddleware:
                 keys_file = load_config().api_keys_file
             store = KeyStore(keys_file)
         self.store = store
+        try:  # say so at startup; requests are answered 401 (with a log line) until fixed
+            store.records()
+        except ConfigError as exc:
+            log.error("API keys cannot be read at startup, every protected request will be "
+                      "refused with 401 until this is fixed: %s", exc)
         self.open_paths = frozenset(open_paths)
         self.route_scopes = dict(ROUTE_SCOPES if route_scopes is None else route_scopes)
 
@@ -129,7 +137,7 @@ class ApiKeyMiddleware:
         try:
             record = authenticate(self.store, token)
         except ConfigError as exc:  # a corrupt key file: refuse, and say why in the log
-            print(f"leukoflow auth: {exc}", file=sys.stderr)
+            log.error("refusing %s %s with 401: %s", scope.get("method", ""), path, exc)
             return 401, "API keys cannot be read on the server; ask the operator"
         if record is None:
             if not self.store.records():

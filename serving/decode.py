@@ -1,9 +1,9 @@
 """Uploaded bytes -> a PIL image, or a ``BadImage`` whose message tells the caller what is wrong.
 
-Decoding itself is ``training.preprocess.decode_image`` (the same code that reads training data,
-with its decompression-bomb guard); this module adds the checks that only matter at the edge:
-empty or oversized uploads, formats outside the data contract, and any decoder exception, so a
-hostile file becomes a 4xx and never kills a worker.
+The rules are the input contract of :mod:`training.contract`, the very rules the batch
+validation applies (formats, modes, sides; the endpoint's own byte and pixel budgets), and the
+conversion to RGB is the one training uses, so a file the validation would quarantine is a 4xx
+naming the same reason here, and any decoder exception is a 4xx too, never a dead worker.
 
 ``UploadGuard`` checks the request itself before BentoML parses it: BentoML would also accept a
 JSON body naming a server-side *path* (``{"image": "/etc/hosts"}``) or a text field holding a
@@ -13,16 +13,14 @@ multipart form whose ``image`` field is a file, of bounded size.
 
 from __future__ import annotations
 
-import io
 import json
-import warnings
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from training.preprocess import decode_image
+from training.contract import InputContract, check_image, convert
 
 __all__ = ["BadImage", "ImageTooLarge", "UploadGuard", "decode_upload", "read_upload"]
 
@@ -31,9 +29,14 @@ HOW = "send the file as the multipart form field 'image' (curl -F image=@cell.pn
 
 
 class BadImage(ValueError):
-    """The upload is not an acceptable image; ``status`` is the HTTP status to answer with."""
+    """The upload is not an acceptable image; ``status`` is the HTTP status to answer with,
+    ``reasons`` the input contract's codes (``training.contract``)."""
 
     status = 400
+
+    def __init__(self, message: str, reasons: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.reasons = tuple(reasons)
 
 
 class ImageTooLarge(BadImage):
@@ -47,60 +50,48 @@ def read_upload(path: str | Path | None, max_bytes: int) -> bytes:
     path = Path(path)
     size = path.stat().st_size
     if size > max_bytes:
-        raise ImageTooLarge(f"image is {size} bytes, more than the limit of {max_bytes} bytes")
+        raise ImageTooLarge(f"file_too_large: image is {size} bytes, more than the limit of "
+                            f"{max_bytes} bytes", reasons=("file_too_large",))
     return path.read_bytes()
 
 
 def decode_upload(
     data: bytes,
     *,
-    max_bytes: int,
-    max_pixels: int,
+    contract: InputContract | None = None,
+    max_bytes: int | None = None,
+    max_pixels: int | None = None,
     allowed_formats: Iterable[str] | None = None,
 ) -> Image.Image:
-    """Bytes -> RGB image; raises ``BadImage`` (400) or ``ImageTooLarge`` (413) with a reason."""
-    if not data:
-        raise BadImage("the 'image' upload is empty (0 bytes)")
-    if len(data) > max_bytes:
-        raise ImageTooLarge(f"image is {len(data)} bytes, more than the limit of {max_bytes}")
-    allowed = [f.upper() for f in allowed_formats] if allowed_formats else None
+    """Bytes -> RGB image by the input contract; raises ``BadImage`` (400) or ``ImageTooLarge``
+    (413, ``file_too_large``) whose ``reasons`` are the contract's codes, named in the message.
+
+    ``contract``: the endpoint's (``InputContract.for_serving(cfg)``); without one, the default
+    contract with the given budgets and formats. The image is converted as training converts
+    it (:func:`training.contract.convert`: EXIF orientation, then the mode's conversion).
+    """
+    if contract is None:
+        base = InputContract()
+        contract = InputContract(
+            tuple(f.upper() for f in allowed_formats) if allowed_formats else base.formats,
+            base.modes, base.min_side, base.max_side,
+            max_pixels if max_pixels is not None else base.max_pixels,
+            max_bytes if max_bytes is not None else base.max_bytes)
+    if len(data) > contract.max_bytes:  # before anything is parsed
+        raise ImageTooLarge(f"file_too_large: image is {len(data)} bytes, more than the limit "
+                            f"of {contract.max_bytes}", reasons=("file_too_large",))
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            fmt = _sniff_format(data, max_pixels)
-            if allowed is not None and fmt not in allowed:
-                raise BadImage(f"image format {fmt} is not accepted; send one of "
-                               f"{', '.join(allowed)}")
-            return decode_image(data, max_pixels=max_pixels)
+        verdict, img = check_image(data, contract)
+        if img is None:
+            cls = ImageTooLarge if "file_too_large" in verdict.reasons else BadImage
+            raise cls(verdict.message, reasons=verdict.reasons)
+        return convert(img)
     except BadImage:
         raise
-    except ValueError as exc:  # decode_image's own messages: not decodable, bomb, too many px
-        raise BadImage(str(exc)) from exc
     except Exception as exc:  # any other decoder failure is still the upload's fault
-        raise BadImage(f"not a decodable image: {type(exc).__name__}: {exc}") from exc
-
-
-def _sniff_format(data: bytes, max_pixels: int) -> str:
-    """The container format from the header only (no pixel decoding)."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.width * img.height > max_pixels:
-                raise BadImage(f"image is {img.width}x{img.height} pixels, more than the limit "
-                               f"of {max_pixels} (a decompression bomb?)")
-            return str(img.format or "unknown")
-    except Image.DecompressionBombError as exc:
-        raise BadImage(f"image refused as a decompression bomb: {exc}") from exc
-    except Image.UnidentifiedImageError as exc:
-        kind = next((name for magic, name in _MAGIC if data.startswith(magic)), None)
-        if kind:
-            raise BadImage(f"the file starts like a {kind} but cannot be read: it is truncated "
-                           "or corrupt") from exc
-        raise BadImage("not an image: the bytes match no known image format "
-                       f"(first bytes: {data[:8]!r})") from exc
-
-
-_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"BM", "BMP"),
-          (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"GIF8", "GIF"))
+        raise BadImage(f"not_decodable:unreadable: not a decodable image: "
+                       f"{type(exc).__name__}: {exc}",
+                       reasons=("not_decodable:unreadable",)) from exc
 
 
 # ------------------------------------------------------------------------------ ASGI guard

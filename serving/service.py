@@ -36,6 +36,7 @@ from starlette.responses import JSONResponse, Response
 from serving.auth import ApiKeyMiddleware
 from serving.decode import BadImage, UploadGuard, decode_upload, read_upload
 from training.config import Config, load_config
+from training.contract import InputContract
 from training.families import get_family
 from training.preprocess import PreprocessParams, preprocess_image
 
@@ -203,14 +204,14 @@ class LeukoflowAPI:
 
     def __init__(self) -> None:
         cfg = _config()
-        self.max_bytes = cfg.serving.max_image_bytes
-        self.max_pixels = cfg.validation.max_pixels
-        self.formats = list(cfg.validation.allowed_formats)
+        self.contract = InputContract.for_serving(cfg)  # the rules the validation applies
+        self.max_bytes = self.contract.max_bytes
+        # decoded pixels in memory are bounded by decodes at once x the pixel budget
+        self._decodes = asyncio.Semaphore(cfg.serving.max_concurrent_decodes)
 
     def _decode(self, image: Path | None) -> PILImage.Image:
         data = read_upload(image, self.max_bytes)
-        return decode_upload(data, max_bytes=self.max_bytes, max_pixels=self.max_pixels,
-                             allowed_formats=self.formats)
+        return decode_upload(data, contract=self.contract)
 
     async def _call(self, dep: Any, method: str, **kwargs: Any) -> Any:
         """Call a model service (a remote proxy under ``bentoml serve``, else a local object)."""
@@ -221,9 +222,10 @@ class LeukoflowAPI:
 
     async def _run(self, image: Path | None, dep: Any, method: str, what: str) -> Any:
         try:
-            img = await asyncio.to_thread(self._decode, image)
+            async with self._decodes:
+                img = await asyncio.to_thread(self._decode, image)
         except BadImage as exc:
-            return _error(exc.status, str(exc))
+            return _error(exc.status, str(exc), reasons=list(exc.reasons))
         try:
             return await self._call(dep, method, image=img)
         except BentoMLException as exc:

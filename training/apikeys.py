@@ -91,9 +91,9 @@ def _check_scopes(scopes: Iterable[str], where: str) -> tuple[str, ...]:
 
 
 def _read_file(path: Path) -> list[KeyRecord]:
-    if not path.exists():
-        return []
     try:
+        if not path.exists():
+            return []
         data = json.loads(path.read_text())
         return [
             KeyRecord(str(k["name"]), str(k["sha256"]).lower(),
@@ -101,8 +101,10 @@ def _read_file(path: Path) -> list[KeyRecord]:
                       str(k.get("created_at", "")), "file")
             for k in data["keys"]
         ]
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConfigError(f"API key file {path} is malformed: {exc!r}") from exc
+    except OSError as exc:  # a folder, no permission, a parent that is a file, ...
+        raise ConfigError(f"API key file {path} cannot be read: {exc}") from exc
 
 
 def _write_file(path: Path, records: list[KeyRecord]) -> None:
@@ -204,6 +206,8 @@ class KeyStore:
                 stamp: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
             except FileNotFoundError:
                 stamp = None
+            except OSError as exc:  # e.g. a parent folder that is a file
+                raise ConfigError(f"API key file {self.path} cannot be read: {exc}") from exc
             if stamp != self._stamp:
                 self._file_records = _read_file(self.path) if stamp else []
                 self._stamp = stamp

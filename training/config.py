@@ -54,10 +54,11 @@ class DataConfig(_Section):
 
 
 class ValidationConfig(_Section):
-    """Bounds of the batch expectation suite (the GX suite reads them from here)."""
+    """Bounds of the batch expectation suite and the input contract (``training.contract``:
+    the endpoint applies the same formats, modes and sides, with budgets of its own)."""
 
     allowed_formats: list[str] = ["PNG", "JPEG", "BMP", "TIFF"]
-    allowed_modes: list[str] = ["RGB", "RGBA", "L"]
+    allowed_modes: list[str] = ["RGB", "RGBA", "L"]  # each needs a conversion in CONVERSIONS
     min_side: int = Field(32, ge=1)
     max_side: int = Field(4096, ge=1)
     max_pixels: int = Field(40_000_000, ge=1)  # above this an image is a decompression bomb
@@ -69,6 +70,20 @@ class ValidationConfig(_Section):
     min_batch_size: int = Field(1, ge=1)
     class_share_range: tuple[float, float] = (0.0, 1.0)  # each cell class's share of a batch
     workers: int | None = None  # metadata extraction processes; None = all cores
+    # pHash bits that may differ for two images to be near-duplicate candidates (then confirmed
+    # by pixels): the test-leak check and the split's twin check (training.data.leakage)
+    near_duplicate_hamming: int = Field(4, ge=0, le=64)
+
+    @field_validator("allowed_modes")
+    @classmethod
+    def _modes_with_a_conversion(cls, v: list[str]) -> list[str]:
+        from training.contract import CONVERSIONS
+
+        unknown = [m for m in v if m not in CONVERSIONS]
+        if unknown:
+            raise ValueError(f"modes {unknown} have no documented conversion to RGB; "
+                             f"choose from {sorted(CONVERSIONS)}")
+        return v
 
 
 class SplitConfig(_Section):
@@ -153,6 +168,10 @@ class ServingConfig(_Section):
     port: int = Field(3000, ge=1, le=65535)
     api_keys_file: str | None = None  # default {home}/api_keys.json (hashes only)
     max_image_bytes: int = Field(20_000_000, ge=1)
+    # pixel budget of one request (decoded RGB: 3 bytes a pixel); 4096 x 4096 by default,
+    # below validation.max_pixels: an image within validation.max_side always fits
+    max_pixels: int = Field(16_777_216, ge=1)
+    max_concurrent_decodes: int = Field(2, ge=1)  # uploads decoded at once in the API process
     startup_timeout_s: int = Field(300, ge=1)
 
 

@@ -8,13 +8,13 @@ without TensorFlow.
 
 from __future__ import annotations
 
-import io
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
+
+from training.contract import ContractViolation, convert, open_image
 
 __all__ = ["PreprocessParams", "as_images", "decode_image", "otsu_crop", "preprocess_image"]
 
@@ -39,25 +39,15 @@ class PreprocessParams:
 def decode_image(data: bytes, max_pixels: int = 40_000_000) -> Image.Image:
     """Decode bytes to an RGB image, refusing decompression bombs; raises ValueError on bad data.
 
-    The pixel count is checked from the header before any pixel is decoded. Pillow's own
-    process-wide limit (``Image.MAX_IMAGE_PIXELS``) is left alone: changing it here would
-    change it for every other caller in the process.
+    Steps 1-2 of the input contract (:mod:`training.contract`: the header is checked before any
+    pixel is decoded) and its documented conversion (EXIF orientation, then the mode's
+    conversion to RGB), so training reads an image exactly as the endpoint does. The
+    ``ValueError`` is a :class:`~training.contract.ContractViolation` naming the reason.
     """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            if img.width * img.height > max_pixels:
-                raise ValueError(
-                    f"image is {img.width}x{img.height} = {img.width * img.height} pixels, "
-                    f"more than the limit of {max_pixels} (a decompression bomb?)"
-                )
-            img.load()
-    except Image.DecompressionBombError as exc:
-        raise ValueError(f"image refused as a decompression bomb: {exc}") from exc
-    except (OSError, SyntaxError) as exc:
-        raise ValueError(f"not a decodable image: {exc}") from exc
-    return ImageOps.exif_transpose(img).convert("RGB")
+    img, refused = open_image(data, max_pixels)
+    if refused is not None or img is None:
+        raise ContractViolation(refused)  # type: ignore[arg-type]
+    return convert(img)
 
 
 def otsu_crop(img: Image.Image) -> Image.Image:

@@ -54,6 +54,8 @@ class ValidationResult(_Record):
     report_dir: str  # summary.json, quarantine.html
     data_docs: str | None  # GX Data Docs index.html
     message: str = ""
+    # the near-duplicate check under the manifest lock (training.data.leakage), when curated
+    leakage: dict[str, Any] | None = None
 
 
 @dataclass
@@ -66,6 +68,9 @@ class CuratedDataset(_Record):
     n_cells: int
     n_fields: int
     batch_ids: list[str] = field(default_factory=list)
+    # counts of the version's near-duplicate check + the URI of its leakage.json (None: the
+    # version was written before the check existed)
+    leakage: dict[str, Any] | None = None
 
 
 @dataclass

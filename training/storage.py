@@ -162,6 +162,14 @@ class LocalStorage(Storage):
     def local_path(self, key: str) -> Path | None:
         return self._path(key)
 
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        """One ``scandir`` of the folder, not a walk of everything below it."""
+        base = self._path(prefix) if prefix.strip("/") else self.root
+        try:
+            return sorted(e.name for e in os.scandir(base) if e.is_dir())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
 
 _TAKEN = {"PreconditionFailed", "ConditionalRequestConflict"}
 
@@ -203,6 +211,26 @@ class S3Storage(Storage):
         except (BotoCoreError, ClientError) as exc:
             raise self._fail("list", prefix, exc) from exc
         yield from sorted(keys)
+
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        """Immediate child 'folders' from ``CommonPrefixes`` (``Delimiter="/"``): one entry per
+        folder, so the landing zone's batch ids cost one page per 1,000 batches however many
+        files they hold."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        full = self.prefix + _dir(prefix)
+        names = set()
+        try:
+            for page in self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=full, Delimiter="/"
+            ):
+                for common in page.get("CommonPrefixes", []):
+                    name = common["Prefix"][len(full):].rstrip("/")
+                    if name:
+                        names.add(name)
+        except (BotoCoreError, ClientError) as exc:
+            raise self._fail("list", prefix, exc) from exc
+        return sorted(names)
 
     def read_bytes(self, key: str) -> bytes:
         from botocore.exceptions import BotoCoreError, ClientError

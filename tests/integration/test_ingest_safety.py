@@ -319,3 +319,196 @@ def test_every_file_of_a_batch_is_accounted_for(tmp_path, s3_endpoint, s3_bucket
     assert {k: v for k, v in after.items() if k.startswith("landing/")} == landing_before
     assert validate_batch(cfg, "mixed") == result and discover_batches(cfg) == []
     assert bucket() == after  # a second ingest changes nothing
+
+
+# ------------------------------------------------------ 5: near-duplicates across the split
+def _reencode(src: Path, dest: Path) -> Path:
+    """A JPEG re-encoding of ``src``: other bytes, the same picture."""
+    from PIL import Image
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with Image.open(src) as im:
+        im.convert("RGB").save(dest, "JPEG", quality=90)
+    return dest
+
+
+def _plain_splits(cfg: Config, files: list[Path]) -> dict[str, str]:
+    """Where the plain assignment (no twin check) deals these C-NMC files in a fresh store."""
+    import hashlib
+
+    import pandas as pd
+
+    rows = [{"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "key": "", "kind": "cell",
+             "label": p.stem.split("_")[-1], "subject_id": p.stem.split("_")[1], "batch_id": "b",
+             "source": p.name, "width": 64, "height": 64, "split": "", "split_group": "",
+             "label_key": ""} for p in files]
+    out = dataset.assign_splits(pd.DataFrame(rows), cfg)
+    return dict(zip(out["source"], out["split"], strict=True))
+
+
+def _straddling_twins(cfg: Config, manifest) -> list[tuple[str, str]]:
+    """Near-duplicate pairs of the curated images (pHash + pixels) on different splits."""
+    from training.data.importers import ImageRecord
+    from training.data.leakage import find_twins
+    from training.data.metadata import extract_metadata
+    from training.data.validation import same_picture
+
+    local = dataset.materialize(cfg, manifest, cfg.home / "cache")
+    meta = extract_metadata(Path("/"), [ImageRecord(path=p, kind="cell") for p in local["path"]],
+                            "check", workers=1)
+    paths, splits = list(local["path"]), list(local["split"])
+    pairs, _ = find_twins(list(meta["phash"]), [True] * len(paths),
+                          cfg.validation.near_duplicate_hamming,
+                          confirm=lambda i, j: same_picture(Path(paths[i]), Path(paths[j])),
+                          shas=list(local["sha256"]))
+    return [(paths[i], paths[j]) for i, j, _ in pairs if splits[i] != splits[j]]
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_near_duplicate_follows_its_twin_across_the_split(tmp_path: Path):
+    """Good cells, a JPEG re-encoding of one under another subject id, an unrecognised file and
+    broken images: every file accounted for, the twins on one split, nothing deleted, rerun
+    idempotent; the check is recorded beside the manifest version and in the ledger."""
+    import json
+
+    from training.data.batches import read_ledger
+    from training.data.curation import validate_batch
+    from training.dev.synth import make_bad_files
+
+    cfg = load_config(home=tmp_path / "home", validation={"workers": 1})
+    src = cfg.home / "landing" / "dups"
+    good = make_cell_batch(src, seed=12, n_subjects_per_class=3, images_per_subject=3, size=64)
+    make_bad_files(src / "fold_0" / "hem", seed=12)
+    (src / "fold_0" / "scan.xyz").write_bytes(b"\x00\x01 unknown format")
+    original = good[0]
+    label = original.stem.split("_")[-1]
+    for number in range(9000, 9100):  # a subject the plain assignment puts on another split
+        copy = src / "fold_0" / label / f"UID_{number}_1_1_{label}.jpg"
+        _reencode(original, copy)
+        plain = _plain_splits(cfg, [*good, copy])
+        if plain[copy.name] != plain[original.name]:
+            break
+        copy.unlink()
+    else:
+        pytest.fail("no subject id puts the copy on another split: the test cannot show a leak")
+    write_ready(src)
+    landing_before = _tree(src)
+
+    result = validate_batch(cfg, "dups")
+    assert result.status == "accepted", result.message
+    summary = json.loads((cfg.reports_dir / "dups" / "summary.json").read_text())
+    counts = summary["files"]
+    assert counts["present"] == len(landing_before)
+    assert counts["curated"] + counts["quarantined"] + counts["ignored"] == counts["present"]
+    assert counts["curated"] == len(good) + 1  # the copy is curated, not lost
+
+    manifest, ds = dataset.load_manifest(cfg)
+    split_of = {s.rsplit("/", 1)[1]: sp for s, sp in zip(manifest["source"], manifest["split"],
+                                                         strict=True)}
+    assert split_of[copy.name] == split_of[original.name]
+    assert _straddling_twins(cfg, manifest) == []
+
+    record = json.loads(dataset.curated_storage(cfg).read_text(dataset.leakage_key(ds.version)))
+    assert record["pairs_found"] >= 1 and record["straddling_before"] >= 1
+    assert record["moved"] >= 1 and record["remaining"] == 0
+    assert any({p["sources"][0].rsplit("/", 1)[1], p["sources"][1].rsplit("/", 1)[1]}
+               == {original.name, copy.name} for p in record["pairs"])
+    assert ds.leakage is not None and ds.leakage["remaining"] == 0
+    assert ds.leakage["pairs_found"] == record["pairs_found"]
+    ledger = read_ledger(cfg, "dups")
+    assert ledger.leakage["remaining"] == 0 and ledger.leakage["record"].endswith(
+        "v0001.leakage.json")
+    assert summary["leakage"] == ledger.leakage
+
+    assert _tree(src) == landing_before  # nothing deleted or changed in landing
+    curated_after = _tree(cfg.home / "curated")
+    assert validate_batch(cfg, "dups") == result
+    assert _tree(cfg.home / "curated") == curated_after  # a second ingest changes nothing
+    assert _tree(src) == landing_before
+
+
+def test_concurrent_batches_with_one_picture_are_checked_under_the_lock(tmp_path: Path):
+    """Two batches racing: one holds a byte copy and a re-encoding of the other's image. The
+    byte copy is curated once and quarantined (already_curated) in the later batch; the
+    re-encoding lands on its twin's split, whichever batch goes first."""
+    import io
+    import json
+
+    import pandas as pd
+
+    cfg = load_config(home=tmp_path / "home", validation={"workers": 1})
+    landing = cfg.home / "landing"
+    left = make_cell_batch(landing / "left", seed=21, **SMALL)
+    make_cell_batch(landing / "right", seed=22, **SMALL)
+    label = left[0].stem.split("_")[-1]
+    byte_copy = landing / "right" / "fold_0" / label / f"UID_8001_1_1_{label}.png"
+    byte_copy.write_bytes(left[0].read_bytes())
+    reencoded = _reencode(left[1], landing / "right" / "fold_0" / label /
+                          f"UID_8002_1_1_{label}.jpg")
+    for batch in ("left", "right"):
+        write_ready(landing / batch)
+    assert _race({"left": cfg, "right": cfg}) == {"left": "accepted", "right": "accepted"}
+
+    manifest, ds = dataset.load_manifest(cfg)
+    assert ds.version == 2 and manifest["sha256"].is_unique
+    names = [s.rsplit("/", 1)[1] for s in manifest["source"]]
+    split_of = dict(zip(names, manifest["split"], strict=True))
+    assert split_of[reencoded.name] == split_of[left[1].name]
+    assert (left[0].name in names) != (byte_copy.name in names)  # curated exactly once
+    later = "right" if left[0].name in names else "left"
+    lost = byte_copy.name if later == "right" else left[0].name
+    raw = (cfg.home / "quarantine" / later / "reasons.csv").read_bytes()
+    reasons = pd.read_csv(io.BytesIO(raw), dtype=str).set_index("path")["reasons"]
+    assert {p.rsplit("/", 1)[1]: r for p, r in reasons.items()}[lost] == "already_curated"
+    for batch in ("left", "right"):
+        counts = json.loads((cfg.reports_dir / batch / "summary.json").read_text())["files"]
+        assert counts["curated"] + counts["quarantined"] + counts["ignored"] == counts["present"]
+    assert sum(json.loads((cfg.reports_dir / b / "summary.json").read_text())["files"][
+        "curated"] for b in ("left", "right")) == len(manifest)
+    assert _straddling_twins(cfg, manifest) == []
+
+
+# -------------------------------------------- 6: discovery by the ledger and one folder listing
+def test_discovery_lists_folders_and_the_ledger_not_every_file(tmp_path, s3_endpoint, s3_bucket,
+                                                               monkeypatch):
+    """Batch ids come from a delimiter listing, processed ones from the ledger's keys: no full
+    listing of the landing zone, no per-batch request for a batch already processed."""
+    from training.data.batches import discover_batches, landing_storage, write_ledger
+    from training.records import ValidationResult
+    from training.storage import S3Storage
+
+    cfg = _s3_config(tmp_path / "home", s3_endpoint, s3_bucket)
+    landing = landing_storage(cfg)
+    for i in range(30):
+        for name in ("fold_0/all/a.png", "fold_0/hem/b.png", "_READY"):
+            landing.write_bytes(f"b{i:03d}/{name}", b"x")
+    landing.write_bytes("b900/", b"")  # a console folder object, nothing else yet
+    landing.write_bytes("b901/cells/c.png", b"x")  # still uploading: no marker
+    landing.write_bytes("stray.txt", b"x")  # a file at the top: no batch
+    for i in range(25):
+        write_ledger(cfg, ValidationResult(f"b{i:03d}", "accepted", "cnmc", 2, 2, 0, {}, "",
+                                           None))
+    calls: list[tuple[str, str]] = []
+    real_list, real_exists = S3Storage.list, S3Storage.exists
+
+    def list_(self, prefix=""):
+        calls.append(("list", self.prefix + prefix))
+        return real_list(self, prefix)
+
+    def exists(self, key):
+        calls.append(("exists", self.prefix + key))
+        return real_exists(self, key)
+
+    monkeypatch.setattr(S3Storage, "list", list_)
+    monkeypatch.setattr(S3Storage, "exists", exists)
+    assert [b.batch_id for b in discover_batches(cfg)] == [f"b{i:03d}" for i in range(25, 30)]
+    assert ("list", "landing/") not in calls  # no walk of every file in the landing zone
+    assert ("list", "curated/batches/") in calls
+    probed = {key.split("/")[1] for op, key in calls if op == "exists"}
+    assert probed == {f"b{i:03d}" for i in range(25, 30)} | {"b900", "b901"}
+    assert landing.list_dirs("") == [*(f"b{i:03d}" for i in range(30)), "b900", "b901"]
+    assert landing.list_dirs("b000/fold_0") == ["all", "hem"]

@@ -209,3 +209,32 @@ def test_no_keys_configured_fails_closed_with_a_hint(tmp_path: Path) -> None:
     resp = _request(app, "POST", "/classify", "lf_anything")
     assert resp.status_code == 401
     assert "no API keys are configured" in resp.json()["error"]
+
+
+@pytest.mark.parametrize("content", [
+    "{not json", "[]", '{"keys": null}', '{"keys": ["app"]}', '{"keys": {"a": 1}}',
+    '{"keys": [{"name": "a"}]}', '{"keys": [{"name": "a", "sha256": "x", "scopes": "read"}]}',
+    '{"keys": [{"name": "a", "sha256": "x", "scopes": 5}]}', "\xff\xfe binary",
+    "folder", "parent_is_a_file",
+])
+def test_a_malformed_key_file_is_a_401_with_a_log_line_never_a_500(
+        tmp_path: Path, content: str, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "keys" / "api_keys.json"
+    path.parent.mkdir()
+    if content == "folder":
+        path.mkdir()
+    elif content == "parent_is_a_file":
+        (tmp_path / "keys" / "blocker").write_text("")
+        path = tmp_path / "keys" / "blocker" / "api_keys.json"
+    else:
+        path.write_bytes(content.encode("utf-8", "surrogateescape")
+                         if content.isascii() else b"\xff\xfe binary")
+    with caplog.at_level("ERROR", logger="leukoflow.auth"):
+        app = ApiKeyMiddleware(_echo_app, keys_file=path)  # starts, and says why it will refuse
+        assert "API keys cannot be read at startup" in caplog.text
+        caplog.clear()
+        resp = _request(app, "POST", "/classify", "lf_whatever")
+    assert resp.status_code == 401
+    assert "cannot be read on the server" in resp.json()["error"]
+    assert str(path) in caplog.text  # the operator's log says which file and why
+    assert _request(app, "GET", "/readyz").status_code == 200  # probes stay open

@@ -29,8 +29,8 @@ def _noise(side: int = 64, fmt: str = "PNG") -> bytes:
 
 
 def test_a_good_image_decodes_to_rgb() -> None:
-    img = decode_upload(_encode(Image.new("L", (40, 30), 128)), **LIMITS)
-    assert img.mode == "RGB" and img.size == (40, 30)
+    img = decode_upload(_encode(Image.new("L", (40, 32), 128)), **LIMITS)
+    assert img.mode == "RGB" and img.size == (40, 32)
     assert decode_upload(_noise(fmt="JPEG"), **LIMITS).size == (64, 64)
 
 

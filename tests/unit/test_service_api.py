@@ -181,3 +181,64 @@ def test_auth_is_wired(api: Any) -> None:
     spec = client.get("/docs.json", headers={"Authorization": ""})
     assert spec.status_code == 200
     assert {"/classify", "/detect", "/explain"} <= set(spec.json()["paths"])
+
+
+# ------------------------------------------------------- the malformed corpus, served
+def test_every_malformed_upload_is_a_4xx_or_a_prediction_never_a_5xx(api: Any) -> None:
+    """Each corpus file to /classify, /detect and /explain: a 4xx whose message names the
+    contract's reason, or (for an accepted image) a prediction; the service stays up."""
+    from training.dev.malformed import corpus
+
+    client, deps = api
+    statuses: dict[int, int] = {}
+    for name, (data, reasons) in corpus().items():
+        for route in ("/classify", "/detect", "/explain"):
+            resp = client.post(route, files={"image": (name, data, "application/octet-stream")})
+            statuses[resp.status_code] = statuses.get(resp.status_code, 0) + 1
+            assert resp.status_code < 500, (name, route, resp.text)
+            if reasons:
+                assert 400 <= resp.status_code < 500, (name, route)
+                body = resp.json()
+                assert sorted(body["reasons"]) == sorted(reasons), (name, body)
+                assert all(code in body["error"] for code in reasons), body
+            else:
+                assert resp.status_code == 200, (name, route, resp.text)
+        assert client.get("/readyz").status_code == 200  # still up after every file
+    assert not any(code >= 500 for code in statuses)
+    accepted = sum(1 for _, r in corpus().values() if not r)
+    assert statuses[200] == 3 * accepted
+    assert all(img.mode == "RGB" for img in deps["classifier"].seen)
+    assert client.post("/classify", **_upload(_png())).status_code == 200
+
+
+def test_decodes_at_once_are_bounded_by_the_config(app: Any) -> None:
+    """The API process decodes at most serving.max_concurrent_decodes uploads at a time."""
+    import asyncio
+
+    api_obj = svc.LeukoflowAPI.inner.__new__(svc.LeukoflowAPI.inner)
+    api_obj.__init__()
+    assert api_obj._decodes._value == svc.load_config().serving.max_concurrent_decodes
+    inside, peak = 0, 0
+
+    def slow_decode(image: Any) -> Image.Image:
+        nonlocal inside, peak
+        import time
+
+        inside += 1
+        peak = max(peak, inside)
+        time.sleep(0.05)
+        inside -= 1
+        return Image.new("RGB", (40, 40))
+
+    class Dep:
+        def classify(self, image: Any) -> str:
+            return "ok"
+
+    api_obj._decode = slow_decode
+
+    async def many() -> list[Any]:
+        return await asyncio.gather(*[api_obj._run(None, Dep(), "classify", "classifier")
+                                      for _ in range(8)])
+
+    assert asyncio.run(many()) == ["ok"] * 8
+    assert peak == api_obj._decodes._value == svc.load_config().serving.max_concurrent_decodes

@@ -21,6 +21,7 @@ conditional write that refuses a version already taken (see :mod:`training.data.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import tempfile
 from collections import Counter
@@ -41,6 +42,7 @@ from training.data.batches import (
     stage_batch,
     write_ledger,
 )
+from training.data.leakage import ALREADY, LeakageCheck, as_hex_or_blank, check_and_assign
 from training.data.report import write_index, write_report
 from training.data.validation import SuiteOutcome, prepare_frame, run_suite, same_picture
 from training.errors import DataValidationError
@@ -197,7 +199,8 @@ def _unrecognised(root: Path, batch_id: str, message: str) -> _Inspection:
 
 # -------------------------------------------------------------------------------- results
 def _result(cfg: Config, insp: _Inspection, report_dir: Path, message: str = "",
-            dataset_version: int | None = None) -> ValidationResult:
+            dataset_version: int | None = None,
+            leakage: dict[str, Any] | None = None) -> ValidationResult:
     """Write the steward's report and say what happened."""
     frame = insp.frame
     rejected = bool(insp.rejection)
@@ -213,7 +216,7 @@ def _result(cfg: Config, insp: _Inspection, report_dir: Path, message: str = "",
         layout=insp.layout, images=len(frame), accepted=len(frame) - len(lost),
         quarantined=len(lost), reasons=dict(sorted(reasons.items())),
         report_dir=str(report_dir), data_docs=docs,
-        message=message or insp.rejection,
+        message=message or insp.rejection, leakage=leakage,
     )
     summary: dict[str, Any] = {
         **result.to_dict(),
@@ -289,12 +292,17 @@ def _content_keys(row: Any) -> tuple[str, str]:
     return key, (f"labels/{row.sha256}.txt" if row.kind == "field" else "")
 
 
-def _curate(cfg: Config, insp: _Inspection) -> int:
+def _curate(cfg: Config, insp: _Inspection,
+            cache: Path) -> tuple[int, LeakageCheck | None, bool]:
     """Copy accepted files into the curated store and write the next manifest version.
 
     The files go first (content-addressed, outside any lock); the rows are then appended to
     whatever manifest version is newest when this batch's turn comes, so a curation running
     at the same time (another ``leukoflow ingest``, another worker) loses no rows to this one.
+    Under the manifest lock, on that newest manifest, the near-duplicate check
+    (:mod:`training.data.leakage`) deals the splits; its record is written beside the version.
+    Returns the version now newest, the check (None when there was nothing to check) and
+    whether this call wrote that version (and its ``leakage.json``).
     """
     store = dataset.curated_storage(cfg)
     accepted = insp.frame[~insp.failed]
@@ -312,23 +320,74 @@ def _curate(cfg: Config, insp: _Inspection) -> int:
             "source": f"{insp.batch_id}/{row.path}", "width": int(row.width),
             "height": int(row.height), "split": "", "split_group": "", "label_key": label_key,
         })
+    state: dict[str, Any] = {"check": None, "written": False}
 
     def extend(old: pd.DataFrame) -> pd.DataFrame | None:
-        present = set(old["sha256"])  # rerun after a crash: this batch is already in it
-        new_rows = [r for r in rows if r["sha256"] not in present]
+        state["check"] = None
+        owner = dict(zip(old["sha256"], old["batch_id"], strict=True))
+        # rerun after a crash: this batch's rows are already in it; a concurrent batch that
+        # got the same bytes in first: that file is quarantined here, not counted twice
+        taken = {r["source"]: ALREADY for r in rows
+                 if r["sha256"] in owner and owner[r["sha256"]] != insp.batch_id}
+        new_rows = [r for r in rows if r["sha256"] not in owner]
         if not new_rows:
+            if taken:
+                state["check"] = LeakageCheck(insp.batch_id,
+                                              cfg.validation.near_duplicate_hamming,
+                                              quarantine=taken, quarantined=len(taken))
             return None
         index = _read_phash_index(store)  # read again: a concurrent curation may have grown it
         for sha, phash in phashes.items():
             index.setdefault(sha, phash)
+        missing = old[~old["sha256"].isin(index)]
+        if len(missing):  # rows curated before the index existed
+            index.update(_compute_phashes(cfg, missing, cache))
         store.write_bytes(PHASH_INDEX, pd.DataFrame(
             sorted(index.items()), columns=["sha256", "phash"]).to_csv(index=False).encode())
         combined = pd.concat([old, pd.DataFrame(new_rows, columns=dataset.MANIFEST_COLUMNS)],
                              ignore_index=True)
         combined[["split", "split_group"]] = combined[["split", "split_group"]].fillna("")
-        return dataset.assign_splits(combined, cfg)
+        is_new = [False] * len(old) + [True] * len(new_rows)
+        hashes = as_hex_or_blank([index.get(sha, "") for sha in combined["sha256"]])
+        out, check = check_and_assign(combined, is_new, hashes, cfg, insp.batch_id,
+                                      confirm=_twin_confirmer(cfg, insp, combined, cache))
+        check.quarantine.update(taken)
+        check.quarantined = len(check.quarantine)
+        state["check"] = check
+        return out
 
-    return dataset.append_manifest(cfg, extend)
+    def record(version: int) -> None:  # under the lock, right after the version was written
+        check = state["check"]
+        state["written"] = True
+        if check is not None:
+            store.create(dataset.leakage_key(version), json.dumps(
+                {"version": version, **check.to_dict()}, indent=2, sort_keys=True).encode())
+
+    version = dataset.append_manifest(cfg, extend, on_published=record)
+    return version, state["check"], state["written"]
+
+
+def _twin_confirmer(cfg: Config, insp: _Inspection, combined: pd.DataFrame,
+                    cache: Path) -> Callable[[int, int], bool]:
+    """``confirm(i, j)``: whether rows ``i`` and ``j`` show the same picture (pixels)."""
+    store = dataset.curated_storage(cfg)
+    prefix = f"{insp.batch_id}/"
+
+    def local(k: int) -> Path:
+        source, key = str(combined.at[k, "source"]), str(combined.at[k, "key"])
+        if source.startswith(prefix) and combined.at[k, "batch_id"] == insp.batch_id:
+            return insp.root / source[len(prefix):]
+        path = store.local_path(key)
+        if path is None:
+            path = cache / "curated" / key
+            if not path.exists():
+                store.download(key, path)
+        return path
+
+    def confirm(i: int, j: int) -> bool:
+        return same_picture(local(i), local(j))
+
+    return confirm
 
 
 # ------------------------------------------------------------------------------ the stage
@@ -363,14 +422,31 @@ def validate_batch(cfg: Config, batch_id: str) -> ValidationResult:
                 result = _result(cfg, insp, report_dir)
             else:
                 _quarantine(cfg, insp, insp.frame[insp.failed], "")
-                version = _curate(cfg, insp)
+                version, check, written = _curate(cfg, insp, Path(tmp))
+                if check is not None and check.quarantine:  # refused under the lock
+                    _refuse_late(insp, check.quarantine)
+                    _quarantine(cfg, insp, insp.frame[insp.failed], "")
+                leakage = None
+                if check is not None:
+                    leakage = {**check.summary(), "record": (
+                        f"{dataset.curated_storage(cfg).uri}/{dataset.leakage_key(version)}"
+                        if written else None)}
                 result = _result(cfg, insp, report_dir, dataset_version=version,
-                                 message=f"curated dataset version {version}")
+                                 message=f"curated dataset version {version}", leakage=leakage)
     write_ledger(cfg, result)
     write_index(cfg.reports_dir)
     log.info("batch %s %s: %d accepted, %d quarantined %s %s", batch_id, result.status,
              result.accepted, result.quarantined, result.reasons, result.message)
     return result
+
+
+def _refuse_late(insp: _Inspection, refused: dict[str, str]) -> None:
+    """Add the reasons of files the check under the manifest lock left out (``source`` keys)."""
+    prefix = f"{insp.batch_id}/"
+    by_path = {src[len(prefix):]: why for src, why in refused.items()}
+    insp.frame["reasons"] = [list(rs) + ([by_path[p]] if p in by_path and by_path[p] not in rs
+                                         else []) for p, rs in zip(
+        insp.frame["path"], insp.frame["reasons"], strict=True)]
 
 
 def validate_path(cfg: Config, path: Path, report_dir: Path) -> ValidationResult:

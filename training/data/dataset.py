@@ -23,10 +23,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -39,8 +40,8 @@ from training.storage import Storage, open_storage
 
 __all__ = [
     "MANIFEST_COLUMNS", "append_manifest", "assign_splits", "curated_storage", "latest_version",
-    "load_manifest", "manifest_lock", "materialize", "measured_split_kind", "split_group",
-    "test_set_sha256", "write_manifest",
+    "leakage_key", "load_manifest", "manifest_lock", "materialize", "measured_split_kind",
+    "split_group", "split_units", "test_set_sha256", "write_manifest",
 ]
 
 MANIFEST_COLUMNS = [
@@ -48,6 +49,8 @@ MANIFEST_COLUMNS = [
     "split", "split_group", "label_key",
 ]
 SPLITS = ("train", "val", "test")
+# the counts of a version's near-duplicate check that its CuratedDataset record carries
+LEAKAGE_SUMMARY = ("pairs_found", "straddling_before", "moved", "quarantined", "remaining")
 MANIFEST_ATTEMPTS = 20  # conflicts in a row before append_manifest gives up
 log = logging.getLogger("leukoflow.dataset")
 
@@ -74,6 +77,11 @@ def _manifest_key(version: int) -> str:
     return f"manifests/v{version:04d}.csv"
 
 
+def leakage_key(version: int) -> str:
+    """The near-duplicate check of a version (``training.data.leakage``), beside its manifest."""
+    return f"manifests/v{version:04d}.leakage.json"
+
+
 def load_manifest(cfg: Config, version: int | None = None) -> tuple[pd.DataFrame, CuratedDataset]:
     """Read a manifest version (default: the newest) and describe it."""
     store = curated_storage(cfg)
@@ -86,6 +94,11 @@ def load_manifest(cfg: Config, version: int | None = None) -> tuple[pd.DataFrame
     df = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False)
     for col in ("width", "height"):
         df[col] = pd.to_numeric(df[col], errors="coerce").fillna(0).astype(int)
+    leakage = None
+    if store.exists(leakage_key(version)):
+        record = json.loads(store.read_text(leakage_key(version)))
+        leakage = {k: record[k] for k in LEAKAGE_SUMMARY if k in record}
+        leakage["uri"] = f"{store.uri}/{leakage_key(version)}"
     ds = CuratedDataset(
         version=version,
         manifest_uri=f"{store.uri}/{_manifest_key(version)}",
@@ -93,6 +106,7 @@ def load_manifest(cfg: Config, version: int | None = None) -> tuple[pd.DataFrame
         n_cells=int((df["kind"] == "cell").sum()),
         n_fields=int((df["kind"] == "field").sum()),
         batch_ids=sorted(set(df["batch_id"])),
+        leakage=leakage,
     )
     return df, ds
 
@@ -145,13 +159,16 @@ def write_manifest(cfg: Config, df: pd.DataFrame) -> CuratedDataset:
 
 
 def append_manifest(cfg: Config,
-                    extend: Callable[[pd.DataFrame], pd.DataFrame | None]) -> int:
+                    extend: Callable[[pd.DataFrame], pd.DataFrame | None],
+                    on_published: Callable[[int], None] | None = None) -> int:
     """Write ``extend(newest manifest)`` as the next version; return the version now newest.
 
     ``extend`` gets the newest manifest (an empty frame before the first) and returns the
     complete next one, or None when it has nothing to add. If another writer takes the next
     version first, the newest manifest is read again and ``extend`` called again, so rows of
     concurrent curations all reach the newest version; nothing is ever overwritten.
+    ``extend`` runs under the manifest lock, so checks made there see the final manifest;
+    ``on_published(version)`` too, right after the version was written (e.g. its sidecars).
     """
     store = curated_storage(cfg)
     with manifest_lock(cfg):
@@ -163,6 +180,8 @@ def append_manifest(cfg: Config,
             if new is None:
                 return version
             if _publish(store, version + 1, _manifest_bytes(new)):
+                if on_published is not None:
+                    on_published(version + 1)
                 return version + 1
             log.info("manifest version %d of %s was taken by another writer: retrying on it",
                      version + 1, store.uri)
@@ -183,41 +202,70 @@ def _hash01(text: str, salt: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def assign_splits(df: pd.DataFrame, cfg: Config) -> pd.DataFrame:
+def split_units(groups: Sequence[str], twins: Iterable[tuple[int, int]] = ()) -> list[str]:
+    """The unit each row is dealt with: its split group, merged with the groups of its twins.
+
+    ``twins`` are pairs of row positions that show the same picture (near-duplicates, see
+    :mod:`training.data.leakage`); their groups are joined (union-find) and a unit is named
+    by its smallest group id, so the result does not depend on the order of the pairs.
+    Without twins every unit is its own split group.
+    """
+    parent: dict[str, str] = {g: g for g in groups}
+
+    def root(g: str) -> str:
+        while parent[g] != g:
+            parent[g] = parent[parent[g]]
+            g = parent[g]
+        return g
+
+    for i, j in twins:
+        a, b = root(groups[i]), root(groups[j])
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    return [root(g) for g in groups]
+
+
+def assign_splits(df: pd.DataFrame, cfg: Config,
+                  twins: Iterable[tuple[int, int]] = ()) -> pd.DataFrame:
     """Deal ``train/val/test`` to rows whose ``split`` is empty; keep every existing assignment.
 
     Groups (subjects, or single images) are taken in the order of a salted hash of their id;
     each goes, within its kind and label stratum, to the split furthest below its target share
     of images. Deterministic, stratified, and a group already seen keeps its split, so the test
     set of earlier versions is never reshuffled and no subject sits on both sides.
+
+    ``twins`` (pairs of row positions of ``df``, which must have a 0..n-1 index) join the
+    groups of near-duplicate images into one unit (:func:`split_units`): a new image follows
+    the split its twin already has, and twins that are both new are dealt together.
     """
     df = df.reset_index(drop=True)
     df["split_group"] = [g or split_group(r, cfg.split.level) for g, (_, r) in zip(
         df.get("split_group", pd.Series([""] * len(df), index=df.index)), df.iterrows(),
         strict=True)]
     df["split"] = df["split"].fillna("") if "split" in df else ""
+    df["_unit"] = split_units(list(df["split_group"]), twins)
     targets = {"test": cfg.split.test_fraction, "val": cfg.split.val_fraction}
     targets["train"] = 1.0 - sum(targets.values())
 
-    known = df[df["split"] != ""].groupby("split_group")["split"].first().to_dict()
-    df.loc[df["split"] == "", "split"] = df["split_group"].map(known).fillna("")
+    known = df[df["split"] != ""].groupby("_unit")["split"].first().to_dict()
+    df.loc[df["split"] == "", "split"] = df["_unit"].map(known).fillna("")
 
-    # A group's stratum is its most common (kind, label).
+    # A unit's stratum is its most common (kind, label).
     df["_stratum"] = df["kind"] + "/" + df["label"].fillna("")
-    stratum_of = df.groupby("split_group")["_stratum"].agg(lambda s: s.value_counts().index[0])
-    size_of = df.groupby("split_group").size()
-    for stratum, groups in stratum_of.groupby(stratum_of):
+    stratum_of = df.groupby("_unit")["_stratum"].agg(lambda s: s.value_counts().index[0])
+    size_of = df.groupby("_unit").size()
+    for stratum, units in stratum_of.groupby(stratum_of):
         members = df["_stratum"] == stratum
         counts = {s: int((df.loc[members, "split"] == s).sum()) for s in SPLITS}
-        new = [g for g in groups.index if g not in known]
-        for group in sorted(new, key=lambda g: _hash01(g, cfg.split.salt)):
-            total = sum(counts.values()) + int(size_of[group])
+        new = [u for u in units.index if u not in known]
+        for unit in sorted(new, key=lambda u: _hash01(u, cfg.split.salt)):
+            total = sum(counts.values()) + int(size_of[unit])
             deficit = {s: targets[s] * total - counts[s] for s in SPLITS}
             chosen = max(SPLITS, key=lambda s: (deficit[s], -SPLITS.index(s)))
-            df.loc[df["split_group"] == group, "split"] = chosen
-            counts[chosen] += int(size_of[group])
-            known[group] = chosen
-    return df.drop(columns="_stratum")
+            df.loc[df["_unit"] == unit, "split"] = chosen
+            counts[chosen] += int(size_of[unit])
+            known[unit] = chosen
+    return df.drop(columns=["_stratum", "_unit"])
 
 
 def measured_split_kind(rows: pd.DataFrame) -> str:

@@ -35,7 +35,6 @@ the size of a bomb is the evidence) but ``format`` is "" and the statistics are 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import multiprocessing
@@ -50,8 +49,9 @@ import imagehash
 import numpy as np
 import pandas as pd
 import scipy.fftpack  # noqa: F401 - preloaded for the forked workers, see the module doc
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from training.contract import read_header
 from training.data.importers import ImageRecord
 
 __all__ = [
@@ -169,25 +169,18 @@ def _analyse(path: Path, max_pixels: int) -> dict[str, Any]:
     if not data:
         out["error"] = "empty"
         return out
+    im, refused = read_header(data, max_pixels)  # the input contract's step 1
+    if refused is not None or im is None:
+        out["error"] = refused.reasons[0].split(":", 1)[1] if refused else "unreadable"
+        if refused is not None and refused.width:  # the size of a bomb is the evidence
+            out.update(width=refused.width, height=refused.height, mode=refused.mode,
+                       channels=Image.getmodebands(refused.mode) if refused.mode else 0)
+        return out
+    width, height = im.size
+    out.update(width=width, height=height, mode=im.mode, channels=len(im.getbands()))
+    scale = min(1.0, ANALYSIS_SIDE / max(width, height, 1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            im = Image.open(io.BytesIO(data))  # header only
-        except Image.DecompressionBombError:  # Pillow's own, larger limit
-            out["error"] = "decompression_bomb"
-            return out
-        except UnidentifiedImageError:
-            out["error"] = "not_an_image"
-            return out
-        except Exception:  # noqa: BLE001 - a broken header of a known format
-            out["error"] = "unreadable"
-            return out
-        width, height = im.size
-        out.update(width=width, height=height, mode=im.mode, channels=len(im.getbands()))
-        if width * height > max_pixels:
-            out["error"] = "decompression_bomb"
-            return out
-        scale = min(1.0, ANALYSIS_SIDE / max(width, height, 1))
         try:
             if im.format == "JPEG":  # DCT scaling: decode at 1/2, 1/4 or 1/8 if that still fits
                 im.draft("L", (math.ceil(width * scale), math.ceil(height * scale)))
