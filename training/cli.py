@@ -177,18 +177,24 @@ def registry_show(ctx: click.Context) -> None:
 
 @main.command()
 @click.argument("model")
+@click.option("--to", "to", default=None, help="Version to make champion (default: the "
+              "recorded previous champion).")
 @click.option("--no-publish", is_flag=True, help="Only move the aliases.")
 @click.pass_context
-def rollback(ctx: click.Context, model: str, no_publish: bool) -> None:
-    """champion <- previous_champion for MODEL, then republish."""
-    from training.promotion.aliases import rollback as do_rollback
+def rollback(ctx: click.Context, model: str, to: str | None, no_publish: bool) -> None:
+    """champion <- version TO (default previous_champion) for MODEL, then republish."""
     from training.stages import publish
+    from training.stages import rollback as do_rollback
 
     cfg = _cfg(ctx)
-    champion, demoted = do_rollback(cfg, model)
-    click.echo(f"{model}: champion is now v{champion} (v{demoted} demoted)")
+    result = do_rollback(cfg, model, to)
+    if result["changed"]:
+        click.echo(f"{model}: champion is now v{result['champion']} "
+                   f"(v{result['demoted']} demoted)")
+    else:
+        click.echo(f"{model}: nothing moved ({result['reason']})")
     if not no_publish:
-        _echo_json(publish(cfg, []))
+        _echo_json(publish(cfg, [], always=True))
 
 
 @main.command()
@@ -197,7 +203,7 @@ def publish(ctx: click.Context) -> None:
     """Build the Bento from the champions, start it on loopback and smoke-test it."""
     from training.stages import publish as do_publish
 
-    _echo_json(do_publish(_cfg(ctx), []))
+    _echo_json(do_publish(_cfg(ctx), [], always=True))
 
 
 @main.command()

@@ -120,12 +120,23 @@ def _probabilities(model: Any, paths: list[str], params: PreprocessParams,
 
 
 def _metrics(y_true: np.ndarray, y_prob: np.ndarray, classes: list[str],
-             positive: str | None, who: str) -> dict[str, float]:
+             positive: str | None, who: str, n_bootstrap: int = 1000) -> dict[str, float]:
     from training.evaluation.metrics import classification_metrics
 
     if not np.all(np.isfinite(y_prob)):
         raise TrainingError(f"{who} produced non-finite probabilities (did training diverge?)")
-    return classification_metrics(y_true, y_prob, classes, positive)
+    return classification_metrics(y_true, y_prob, classes, positive, n_bootstrap=n_bootstrap)
+
+
+def _val_metrics(model: Any, part: pd.DataFrame, y: np.ndarray, classes: list[str],
+                 positive: str | None, params: PreprocessParams, batch_size: int,
+                 who: str) -> dict[str, float]:
+    """``val_*`` metrics: what architectures are chosen on (the test rows are for the gate)."""
+    if len(part) == 0:
+        return {}
+    y_prob = _probabilities(model, list(part["path"]), params, batch_size)
+    val = _metrics(y, y_prob, classes, positive, f"{who} (val)", n_bootstrap=0)
+    return {f"val_{k}": v for k, v in val.items() if "__" not in k and "_ci_" not in k}
 
 
 def _predictions_table(test: pd.DataFrame, y_prob: np.ndarray, classes: list[str]) -> pd.DataFrame:
@@ -337,6 +348,8 @@ def train_and_evaluate(
         test_paths = list(part["test"]["path"])
         y_prob = _probabilities(model, test_paths, params, int(hp["batch_size"]))
         metrics = _metrics(y["test"], y_prob, classes, positive, architecture)
+        metrics.update(_val_metrics(model, part["val"], y["val"], classes, positive, params,
+                                    int(hp["batch_size"]), architecture))
         metrics.update(total_params=float(total), trainable_params=float(trainable),
                        train_time_s=train_time,
                        latency_ms_per_image=_latency_ms(model, test_paths, params))

@@ -123,26 +123,31 @@ def _run(cmd: list[str], cfg: Config, what: str, timeout: float,
 
 # ---------------------------------------------------------------------- import / build
 def _champions(cfg: Config) -> list[tuple[str, str, str, str]]:
-    """(family, name, version, run_id) of both champions; PublishError if one is missing."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+    """(family, name, version, run_id) of every family that has a champion.
 
-    from training.tracking import configure_mlflow
+    A deployment may serve one family (a cells-only site trains no detector); PublishError
+    when no family has a champion, or when the registry cannot be read (never read as "none").
+    """
+    from mlflow import MlflowClient
+
+    from training.promotion.aliases import alias_version
 
     try:
-        configure_mlflow(cfg)
+        client = MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.tracking_uri)
+        out = []
+        for family in FAMILIES.values():
+            name = family.registered_name(cfg)
+            version = alias_version(cfg, name, "champion")
+            if version is None:
+                log.info("%s has no champion: this Bento serves no %s", name, family.name)
+                continue
+            mv = client.get_model_version(name, version)
+            out.append((family.name, name, version, str(mv.run_id or "")))
     except RegistryError as exc:
         raise PublishError(f"cannot read the champions: {exc}") from exc
-    client = MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.tracking_uri)
-    out = []
-    for family in FAMILIES:
-        name = get_family(family).registered_name(cfg)
-        try:
-            mv = client.get_model_version_by_alias(name, "champion")
-        except MlflowException as exc:
-            raise PublishError(f"{name} has no 'champion' alias in {cfg.tracking_uri}: train "
-                               f"and promote a {family} first ({exc})") from exc
-        out.append((family, name, str(mv.version), str(mv.run_id or "")))
+    if not out:
+        raise PublishError(f"no model has a 'champion' alias in {cfg.tracking_uri}: train and "
+                           "promote a classifier or a detector first")
     return out
 
 
@@ -169,9 +174,16 @@ def import_champions(cfg: Config) -> dict[str, str]:
     return {m.name: m.bento_tag for m in import_champions_detail(cfg)}
 
 
+def _model_tags(models: list[ChampionModel]) -> dict:
+    """Family -> the BentoML model tag it serves, ``none`` for a family without a champion."""
+    tags = {family: "none" for family in FAMILIES}
+    tags.update({m.family: m.bento_tag for m in models})
+    return tags
+
+
 def _model_args(models: list[ChampionModel]) -> list[str]:
-    return [arg for m in models
-            for arg in ("--arg", f"{get_family(m.family).bento_arg}={m.bento_tag}")]
+    return [arg for family, tag in _model_tags(models).items()
+            for arg in ("--arg", f"{get_family(family).bento_arg}={tag}")]
 
 
 @contextlib.contextmanager
@@ -331,9 +343,11 @@ def smoke_test(
     image_bytes: bytes,
     expected_versions: Mapping[str, str] | None = None,
     transport: Any = None,
+    families: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Authenticated /classify and /detect succeed (naming the expected registered versions, if
-    given) and an unauthenticated /classify gets 401; raises PublishError saying what failed.
+    """Authenticated requests to the routes of ``families`` (default: all) succeed, naming the
+    expected registered versions if given, and an unauthenticated one gets 401; raises
+    PublishError saying what failed.
 
     ``transport``: an ``httpx`` transport to use instead of the network (tests).
     """
@@ -351,13 +365,15 @@ def smoke_test(
                 raise PublishError(f"smoke test: POST {route} failed: {exc}") from exc
             return resp, (time.perf_counter() - start) * 1000
 
-        resp, _ = post("/classify", {})
+        served = [get_family(f) for f in (families or list(FAMILIES))]
+        first = served[0].route
+        resp, _ = post(first, {})
         if resp.status_code != 401:
-            raise PublishError(f"smoke test: /classify without a key answered "
+            raise PublishError(f"smoke test: {first} without a key answered "
                                f"{resp.status_code}, expected 401: {resp.text[:300]}")
         report["unauthenticated_status"] = resp.status_code
 
-        for route, needs in (("/classify", ("label", "probabilities")), ("/detect", ("boxes",))):
+        for route, needs in ((f.route, f.answer_fields) for f in served):
             resp, ms = post(route, auth)
             if resp.status_code != 200:
                 raise PublishError(f"smoke test: {route} answered {resp.status_code}: "
@@ -382,12 +398,12 @@ def _check_answer(route: str, body: dict[str, Any], needs: tuple[str, ...], ms: 
         raise PublishError(f"smoke test: {route} served {model}, expected "
                            f"{model.get('name')} v{want} (of {dict(expected_versions)})")
     entry = {"status": 200, "latency_ms": round(ms, 1), "model": model}
-    if route == "/classify":
+    if "probabilities" in needs:
         entry["label"] = body["label"]
         total = sum(float(p) for p in body["probabilities"].values())
         if abs(total - 1.0) > 1e-3:
             raise PublishError(f"smoke test: probabilities sum to {total}: {body}")
-    else:
+    if "boxes" in needs:
         entry["boxes"] = len(body["boxes"])
     return entry
 
@@ -437,10 +453,12 @@ def _publish(cfg: Config, serve_built: bool) -> Publication:
         with _smoke_key(cfg) as key:
             target = tag if serve_built else None
             extra = None if serve_built else {
-                get_family(m.family).bento_tag_env: m.bento_tag for m in models}
+                get_family(family).bento_tag_env: tag
+                for family, tag in _model_tags(models).items()}
             with serve(cfg, target=target, extra_env=extra) as url:
                 ready_s = time.monotonic() - started
-                smoke = smoke_test(url, key, smoke_image(), expected_versions=versions)
+                smoke = smoke_test(url, key, smoke_image(), expected_versions=versions,
+                                   families=[m.family for m in models])
     except BaseException:
         _delete_bento(cfg, tag)  # so that "leukoflow:latest" stays the last Bento that passed
         raise
