@@ -208,18 +208,27 @@ def publish(ctx: click.Context) -> None:
 
 @main.command()
 @click.option("--port", type=int, default=None, help="Default: serving.port of the config.")
-@click.option("--source", is_flag=True, help="Serve this checkout's service, not the Bento.")
+@click.option("--source", is_flag=True, help="Serve the installed service code once, not the "
+              "published Bento (no swaps).")
 @click.pass_context
 def serve(ctx: click.Context, port: int | None, source: bool) -> None:
-    """Serve the last published Bento (the champions) on loopback until Ctrl-C."""
+    """Serve the published champions on one stable port, swapping (blue/green) to each newly
+    published Bento, until SIGTERM or Ctrl-C; every process it started stops with it."""
     import time
 
     from training.publish.bento import serve as run_server
 
     cfg = _cfg(ctx)
-    target = None if source else "leukoflow:latest"
-    with run_server(cfg, port=port or cfg.serving.port, target=target) as url:
-        click.echo(f"serving {target or 'serving.service:LeukoflowAPI'} at {url} "
+    if not source:
+        from training.publish.deploy import run_supervisor
+
+        click.echo(f"serving the published Bento at http://{cfg.serving.host}:"
+                   f"{port or cfg.serving.port} (docs /docs); new publications swap in; "
+                   "Ctrl-C stops")
+        run_supervisor(cfg, port=port)
+        return
+    with run_server(cfg, port=port or cfg.serving.port, target=None) as url:
+        click.echo(f"serving serving.service:LeukoflowAPI at {url} "
                    f"(docs {url}/docs); Ctrl-C stops")
         try:
             while True:

@@ -140,13 +140,18 @@ class GateConfig(_Section):
     detector_metric: str = "map50"
     detector_floor: float = Field(0.25, ge=0, le=1)
     max_regression: float = Field(0.0, ge=0, le=1)  # allowed drop vs champion
+    # The paired test: candidate minus champion on the same test rows (subjects resampled when
+    # the split is by subject). Off: its CI is reported in the reasons; on: the lower end of the
+    # CI must exceed min_improvement, so noise alone never replaces a champion.
+    require_paired_improvement: bool = False
+    min_improvement: float = Field(0.0, ge=-1, le=1)
 
 
 class PipelineConfig(_Section):
     """Bounds and notifications of the DAG runs: nothing hangs forever, refusals are heard."""
 
-    train_timeout_s: int = Field(6 * 3600, ge=60)  # one training child; killed when it passes
-    task_timeout_s: int = Field(3600, ge=60)  # any other task (validate, promote, publish)
+    train_timeout_s: int = Field(6 * 3600, ge=1)  # one training child; killed when it passes
+    task_timeout_s: int = Field(3600, ge=1)  # any other task (validate, promote, publish)
     registry_pool: str = "leukoflow_registry"  # one-slot Airflow pool serializing alias moves
     webhook_url: str | None = None  # POSTed a JSON event on a refusal, rollback or failure
     webhook_timeout_s: float = Field(5.0, gt=0)

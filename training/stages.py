@@ -273,8 +273,11 @@ def publish(cfg: Config, promotions: list[dict[str, Any]], *,
         if isinstance(exc, PublishError):
             raise
         raise PublishError(f"publishing failed: {exc}") from exc
-    log.info("published Bento %s serving %s; smoke test passed: %s", publication.bento_tag,
-             publication.models, publication.smoke)
+    from training.publish.deploy import record_deployment
+
+    record_deployment(cfg, publication)  # the running service swaps to it (blue/green)
+    log.info("published Bento %s serving %s; smoke test passed: %s; deployed",
+             publication.bento_tag, publication.models, publication.smoke)
     return {"published": True, **publication.to_dict()}
 
 

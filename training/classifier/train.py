@@ -213,6 +213,23 @@ def _evaluate_champion(
     return version, metrics, _predictions_table(test, y_prob, classes)
 
 
+def _paired(cfg: Config, y_true: np.ndarray, y_prob: np.ndarray, champion: pd.DataFrame,
+            classes: list[str], test: pd.DataFrame, split_kind: str) -> dict[str, float]:
+    """Candidate minus champion on the same test rows, with its paired bootstrap 95 % CI
+    (resampling subjects when the split is by subject): what the gate's paired test reads."""
+    from training.evaluation.metrics import PAIRED_METRICS, paired_bootstrap_delta
+
+    metric = FAMILY.gate_metric(cfg)
+    if metric not in PAIRED_METRICS:
+        return {}
+    champ = champion[[f"p_{c}" for c in classes]].to_numpy().argmax(axis=1)
+    groups = None
+    if split_kind == "subject" and test["subject_id"].notna().all():
+        groups = test["subject_id"].astype(str).to_numpy()
+    out = paired_bootstrap_delta(metric, y_true, y_prob.argmax(axis=1), champ, groups=groups)
+    return {f"paired_{metric}_{k}": v for k, v in out.items()}
+
+
 def _pip_requirements() -> list[str]:
     return pinned_requirements(
         ("mlflow", "tensorflow-cpu", "keras", "numpy", "pillow", "pyyaml", "pandas"))
@@ -228,7 +245,7 @@ def _flat_params(hp: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _log_model(model: Any, work: Path, meta: dict[str, Any], params: PreprocessParams) -> None:
+def _log_model(model: Any, work: Path, meta: dict[str, Any], params: PreprocessParams) -> Any:
     """Log the pyfunc model of the contract: ``artifacts/model.keras`` + metadata.
 
     The pyfunc takes raw images and preprocesses them itself (see
@@ -243,13 +260,14 @@ def _log_model(model: Any, work: Path, meta: dict[str, Any], params: PreprocessP
     # A fresh functional view over the same layers is uncompiled: it saves the weights
     # without the optimizer's slots, which would triple the file for nothing at serving time.
     keras.Model(model.inputs, model.outputs, name=model.name).save(keras_path)
-    mlflow.pyfunc.log_model(
+    info = mlflow.pyfunc.log_model(
         name="model",
         python_model=KerasClassifierModel(classes=meta["classes"], preprocess=params.to_dict()),
         artifacts={"keras_model": str(keras_path)}, metadata=meta,
         pip_requirements=_pip_requirements(),
     )
     keras_path.unlink()  # MLflow holds the copy; large heads weigh hundreds of MB
+    return info
 
 
 def _fit(model: Any, hp: dict[str, Any], part: dict[str, pd.DataFrame],
@@ -353,7 +371,6 @@ def train_and_evaluate(
         metrics.update(total_params=float(total), trainable_params=float(trainable),
                        train_time_s=train_time,
                        latency_ms_per_image=_latency_ms(model, test_paths, params))
-        mlflow.log_metrics(metrics)
         for path in save_classification_plots(y["test"], y_prob, classes, run.work / "plots",
                                               title=architecture):
             mlflow.log_artifact(str(path), artifact_path="plots")
@@ -365,12 +382,16 @@ def train_and_evaluate(
                 "gradcam_layer": spec.gradcam_layer, "split_kind": run.split_kind}
         _log_gradcam(model, part["test"], y["test"], classes, params, meta["gradcam_layer"],
                      run.work)
-        _log_model(model, run.work, meta, params)
+        logged = _log_model(model, run.work, meta, params)
         del model
 
-        run.record_champion(*_evaluate_champion(
-            cfg, part["test"], y["test"], classes, positive, int(hp["batch_size"]), run.work))
-        return run.finish(metrics)
+        champion = _evaluate_champion(cfg, part["test"], y["test"], classes, positive,
+                                      int(hp["batch_size"]), run.work)
+        run.record_champion(*champion)
+        if champion[2] is not None:
+            metrics.update(_paired(cfg, y["test"], y_prob, champion[2], classes, part["test"],
+                                   run.split_kind))
+        return run.finish(metrics, logged)
 
 
 # ---------------------------------------------------------------------------------- CLI

@@ -22,7 +22,7 @@ from pathlib import Path
 import click
 
 from training.config import Config
-from training.dev.localenv import airflow_env
+from training.dev.localenv import airflow_env, pool_command
 from training.errors import LeukoflowError
 
 __all__ = ["run_demo", "run_dag"]
@@ -163,8 +163,9 @@ def run_demo(cfg: Config) -> None:
     with _step("land synthetic batches", timings):
         for batch_id in land_synthetic_batches(cfg):
             click.echo(f"    landed {batch_id}")
-    with _step("airflow db migrate (SQLite)", timings):
+    with _step("airflow db migrate (SQLite) + pools", timings):
         _airflow(cfg, "db", "migrate", log_name="airflow-db-migrate.log")
+        _airflow(cfg, *pool_command(cfg), log_name="airflow-pools.log")
     tasks: dict[str, float] = {}
     with _step("airflow dags test ingest_validate", timings):
         tasks.update(run_dag(cfg, "ingest_validate"))
