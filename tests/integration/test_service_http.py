@@ -92,7 +92,9 @@ def _register(cfg: Any, keras_path: Path, yolo_path: Path) -> dict[str, str]:
     experiment_id = configure_mlflow(cfg)
     client = MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.tracking_uri)
     specs = [
-        (cfg.mlflow.classifier_name, KerasClassifierModel(), {"keras_model": str(keras_path)},
+        (cfg.mlflow.classifier_name,
+         KerasClassifierModel(classes=CLASSES, preprocess=PreprocessParams(IMAGE_SIZE).to_dict()),
+         {"keras_model": str(keras_path)},
          {"family": "classifier", "architecture": "tiny_cnn", "classes": CLASSES,
           "preprocess": PreprocessParams(IMAGE_SIZE).to_dict(), "positive_class": "all"}),
         (cfg.mlflow.detector_name, DetectorModel(imgsz=64, classes=["WBC"]),
