@@ -25,6 +25,8 @@ from tests.integration.conftest import free_port
 from tests.integration.test_service_http import _make_model_files, _png, _register
 from training.apikeys import create_key
 from training.config import load_config
+from training.promotion.aliases import aliases
+from training.publish.deploy import read_deployment
 from training.stages import publish
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -35,6 +37,33 @@ def _version(resp: httpx.Response) -> str | None:
         return str(resp.json()["model"]["version"])
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def _kill_publish_during_smoke_test(env: dict[str, str],
+                                    tmp_path: Path) -> tuple[bool, list[psutil.Process]]:
+    """Run the publish stage in its own process; SIGKILL it once its smoke server runs."""
+    code = ("from training.config import load_config; from training.stages import publish; "
+            "publish(load_config(), [], always=True)")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env,
+                            stdout=open(tmp_path / "publish.log", "wb"),  # noqa: SIM115
+                            stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        if any("serve" in p.cmdline() for p in tree if _alive(p)):
+            orphans = tree + [q for p in tree if _alive(p) for q in p.children(recursive=True)]
+            proc.kill()
+            proc.wait(timeout=30)
+            return True, orphans
+        time.sleep(0.2)
+    return False, []
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_publishing_swaps_the_running_service_without_dropping_a_request(
@@ -107,6 +136,20 @@ def test_publishing_swaps_the_running_service_without_dropping_a_request(
         switched = versions.index(new_version)
         assert set(versions[:switched]) <= {first_version}
         assert set(versions[switched:]) == {new_version}, "an answer went back to the old model"
+
+        # SIGKILL of a publish step in the middle of its smoke test: the service keeps serving
+        # the previous Bento, the deployment record and the aliases are untouched, and the
+        # killed step leaves no server of its own behind.
+        deployed = read_deployment(cfg)
+        third = _register(cfg, keras_path, yolo_path)
+        aliases_before = {n: aliases(cfg, n) for n in third}
+        killed, orphans = _kill_publish_during_smoke_test(env, tmp_path)
+        assert killed, "the publish step never reached its smoke test"
+        assert read_deployment(cfg) == deployed
+        assert {n: aliases(cfg, n) for n in third} == aliases_before
+        assert _version(classify()) == new_version
+        _, alive = psutil.wait_procs(orphans, timeout=60)
+        assert not alive, f"the killed publish left {[p.cmdline()[:4] for p in alive]}"
     finally:
         stop.set()
         tree = []

@@ -64,5 +64,7 @@ def test_resampling_subjects_widens_the_interval_when_subjects_differ() -> None:
     cells = paired_bootstrap_delta("accuracy", y, a, b, n=300)
     grouped = paired_bootstrap_delta("accuracy", y, a, b, groups=subjects, n=300)
     assert grouped["n_units"] == 8 and cells["n_units"] == 400
-    width = (lambda o: o["delta_ci_high"] - o["delta_ci_low"])
+    def width(o: dict) -> float:
+        return o["delta_ci_high"] - o["delta_ci_low"]
+
     assert width(grouped) > 2 * width(cells)

@@ -271,18 +271,31 @@ def _stop(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
 
 
 @contextlib.contextmanager
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the parent dies (Linux ``PR_SET_PDEATHSIG``),
+    so a publish step killed with SIGKILL leaves no smoke-test server behind."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def serve(
     cfg: Config,
     port: int | None = None,
     target: str | None = None,
     extra_env: Mapping[str, str] | None = None,
+    *,
+    die_with_parent: bool = True,
 ) -> Iterator[str]:
     """Run ``bentoml serve`` on loopback until the block ends; yields the base URL.
 
     ``target``: a Bento tag (as built by :func:`build_bento`) or, by default, the service
     import path, served from the installed packages. Waits for ``/readyz`` up to
     ``cfg.serving.startup_timeout_s``; the server log goes to ``cfg.home/logs/`` and its tail
-    into the PublishError when the server dies or never gets ready. Always stopped on exit.
+    into the PublishError when the server dies or never gets ready. Always stopped on exit;
+    with ``die_with_parent`` also when this process is killed (only for a server started from
+    a thread that lives as long as the process: the signal follows the starting thread).
     """
     import httpx
 
@@ -299,7 +312,8 @@ def serve(
         log_fh.write(f"$ {' '.join(cmd)}\n".encode())
         log_fh.flush()
         proc = subprocess.Popen(cmd, cwd=cfg.home, env=_child_env(cfg, extra_env), stdout=log_fh,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_die_with_parent if die_with_parent else None)
     try:
         start = time.monotonic()
         deadline = start + cfg.serving.startup_timeout_s

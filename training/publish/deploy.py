@@ -92,7 +92,8 @@ def _start_backend(cfg: Config, tag: str, versions: dict[str, str] | None) -> _B
 
     stack = contextlib.ExitStack()
     try:
-        url = stack.enter_context(serve(cfg, target=tag))
+        # started from a worker thread: the parent-death signal would follow that thread
+        url = stack.enter_context(serve(cfg, target=tag, die_with_parent=False))
         if versions:
             with _smoke_key(cfg) as key:
                 smoke_test(url, key, smoke_image(), expected_versions=versions,
