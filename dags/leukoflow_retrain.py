@@ -10,7 +10,14 @@ champions and smoke-tests it over HTTP, rolling the aliases back if that fails.
 from __future__ import annotations
 
 from airflow.sdk import Param, dag, task
-from leukoflow_dag_support import CURATED_DATASET, DEFAULT_ARGS, TAGS, config_from
+from leukoflow_dag_support import (
+    CURATED_DATASET,
+    DEFAULT_ARGS,
+    REGISTRY_POOL,
+    TAGS,
+    TRAIN_TIMEOUT,
+    config_from,
+)
 
 
 @dag(
@@ -25,15 +32,22 @@ from leukoflow_dag_support import CURATED_DATASET, DEFAULT_ARGS, TAGS, config_fr
         "architectures": Param(None, type=["null", "array"],
                                description="classifier architectures; null = config's list"),
         "train_detector": Param(True, type="boolean"),
+        "dataset_version": Param(None, type=["null", "integer"],
+                                 description="null = the version of the triggering asset event "
+                                             "(else the newest)"),
     },
     doc_md=__doc__,
 )
 def retrain():
     @task
-    def freeze_dataset(params=None) -> dict:
+    def freeze_dataset(params=None, triggering_asset_events=None) -> dict:
+        """The version this run trains on: the param, else the triggering event's, else newest."""
         from training.stages import curated_dataset
 
-        return curated_dataset(config_from(params))
+        versions = [int(e.extra["version"]) for events in (triggering_asset_events or {}).values()
+                    for e in events if (e.extra or {}).get("version") is not None]
+        version = params.get("dataset_version") or (max(versions) if versions else None)
+        return curated_dataset(config_from(params), version)
 
     @task
     def start_run(dataset: dict, params=None, run_id=None) -> str:
@@ -45,7 +59,7 @@ def retrain():
     def architectures(params=None) -> list[str]:
         return params.get("architectures") or config_from(params).classifier.architectures
 
-    @task(retries=0)
+    @task(retries=0, execution_timeout=TRAIN_TIMEOUT)
     def train_classifier(architecture: str, dataset: dict, parent_run_id: str, params=None,
                          run_id=None) -> dict:
         from training.stages import train
@@ -54,7 +68,7 @@ def retrain():
                      dataset_version=dataset["version"], parent_run_id=parent_run_id,
                      tags={"airflow_run_id": run_id}, overrides=params.get("config"))
 
-    @task(retries=0)
+    @task(retries=0, execution_timeout=TRAIN_TIMEOUT)
     def train_detector(dataset: dict, parent_run_id: str, params=None, run_id=None) -> list:
         from training.stages import train
 
@@ -64,17 +78,22 @@ def retrain():
                       parent_run_id=parent_run_id, tags={"airflow_run_id": run_id},
                       overrides=params.get("config"))]
 
-    @task
-    def promote(classifiers: list[dict], detectors: list, dataset: dict, parent_run_id: str,
-                params=None, run_id=None) -> list[dict]:
+    # all_done: one failed architecture must not block the promotion of the others
+    @task(trigger_rule="all_done", pool=REGISTRY_POOL)
+    def promote(classifiers: list, detectors: list, archs: list[str], dataset: dict,
+                parent_run_id: str, params=None, run_id=None) -> list[dict]:
         from training.lineage import lineage_tags
         from training.stages import promote_best
 
         tags = {"airflow_run_id": run_id, **lineage_tags(),
                 "dataset_manifest_sha256": dataset["manifest_sha256"],
                 "batch_ids": ",".join(dataset["batch_ids"])}
-        return promote_best(config_from(params), [*classifiers, *detectors], tags,
-                            parent_run_id=parent_run_id)
+        found = [c for c in [*(classifiers or []), *(detectors or [])] if c]
+        if not found:
+            raise RuntimeError("every training of this run failed: nothing to judge (see the "
+                               "train_* task logs)")
+        return promote_best(config_from(params), found, tags, parent_run_id=parent_run_id,
+                            expected={"classifier": list(archs)})
 
     @task
     def publish(promotions: list[dict], params=None) -> dict:
@@ -82,13 +101,20 @@ def retrain():
 
         return publish(config_from(params), promotions)
 
+    @task
+    def all_trainings_succeeded(classifiers: list, detectors: list) -> int:
+        """A leaf that needs every training: a failed one still marks the run failed."""
+        return len(classifiers) + len(detectors)
+
     dataset = freeze_dataset()
     parent = start_run(dataset)
+    archs = architectures()
     classifiers = train_classifier.partial(dataset=dataset, parent_run_id=parent).expand(
-        architecture=architectures()
+        architecture=archs
     )
     detectors = train_detector(dataset, parent)
-    publish(promote(classifiers, detectors, dataset, parent))
+    publish(promote(classifiers, detectors, archs, dataset, parent))
+    all_trainings_succeeded(classifiers, detectors)
 
 
 retrain()

@@ -14,11 +14,37 @@ from airflow.sdk import Asset
 
 CURATED_DATASET = Asset("leukoflow://curated-dataset", group="leukoflow")
 TAGS = ["leukoflow"]
+
+
+def _pipeline() -> Any:
+    """The ``pipeline`` config section (file + env; cheap: pydantic and YAML only)."""
+    from training.config import load_config
+
+    return load_config().pipeline
+
+
+def notify_failure(context: dict[str, Any]) -> None:
+    """Failure callback of every task: a log line and the configured webhook."""
+    from training.config import load_config
+    from training.notify import notify
+
+    ti = context.get("task_instance") or context.get("ti")
+    where = f"{getattr(ti, 'dag_id', '?')}.{getattr(ti, 'task_id', '?')}"
+    notify(load_config(), "task_failed", f"{where} failed: {context.get('exception')}"[:2000],
+           dag_id=getattr(ti, "dag_id", None), task_id=getattr(ti, "task_id", None),
+           run_id=getattr(ti, "run_id", None))
+
+
+PIPELINE = _pipeline()
+REGISTRY_POOL = PIPELINE.registry_pool  # one slot: alias moves never interleave across hosts
+TRAIN_TIMEOUT = timedelta(seconds=PIPELINE.train_timeout_s + 300)  # the child is killed first
 DEFAULT_ARGS: dict[str, Any] = {
     "owner": "ml-engineering",
     # 2 in production; the demo sets 0 so that a failure shows at once, not after 2 x 2 min
     "retries": int(os.environ.get("LEUKOFLOW_DAG_RETRIES", "2")),
     "retry_delay": timedelta(minutes=2),
+    "execution_timeout": timedelta(seconds=PIPELINE.task_timeout_s),
+    "on_failure_callback": notify_failure,
 }
 
 

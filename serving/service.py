@@ -51,20 +51,26 @@ def _config() -> Config:
     return load_config()
 
 
-def _model_tag(family_name: str) -> str:
-    """The BentoML model tag a service declares (read at import: BentoML packages it).
+NOT_DEPLOYED = "none"  # a tag value saying: this deployment serves no model of the family
+
+
+def _model_tag(family_name: str) -> str | None:
+    """The BentoML model tag a service declares (read at import: BentoML packages it), or None
+    when this deployment serves no model of the family (a cells-only site has no detector).
 
     Precedence: the Bento argument ``<family>_model`` (``bentoml build/serve --arg``; a built
     Bento keeps it, so it always serves the versions it was built with) > the environment
-    variable ``LEUKOFLOW_BENTO_<FAMILY>`` > ``<registered name>:latest``.
+    variable ``LEUKOFLOW_BENTO_<FAMILY>`` > ``<registered name>:latest``. The value ``none``
+    means not deployed.
     """
     family = get_family(family_name)
-    arg = getattr(bentoml.use_arguments(), family.bento_arg, None)
-    if arg:
-        return str(arg)
-    if os.environ.get(family.bento_tag_env):
-        return os.environ[family.bento_tag_env]
-    return f"{family.registered_name(_config())}:latest"
+    tag = getattr(bentoml.use_arguments(), family.bento_arg, None) or os.environ.get(
+        family.bento_tag_env) or f"{family.registered_name(_config())}:latest"
+    return None if str(tag).lower() == NOT_DEPLOYED else str(tag)
+
+
+CLASSIFIER_TAG = _model_tag("classifier")
+DETECTOR_TAG = _model_tag("detector")
 
 
 # ----------------------------------------------------------------------------- schemas
@@ -106,7 +112,7 @@ def _model_ref(stored: Any, fallback_name: str) -> ModelRef:
 class ClassifierService:
     """The champion Keras classifier (TensorFlow imported here only, in this process)."""
 
-    bento_model = bentoml.models.BentoModel(_model_tag("classifier"))
+    bento_model = bentoml.models.BentoModel(CLASSIFIER_TAG) if CLASSIFIER_TAG else None
 
     def __init__(self) -> None:
         from training.classifier.predict import load_classifier, predict_proba
@@ -158,7 +164,7 @@ class ClassifierService:
 class DetectorService:
     """The champion YOLO detector (torch/Ultralytics imported here only, in this process)."""
 
-    bento_model = bentoml.models.BentoModel(_model_tag("detector"))
+    bento_model = bentoml.models.BentoModel(DETECTOR_TAG) if DETECTOR_TAG else None
 
     def __init__(self) -> None:
         from training.detector.predict import load_detector
@@ -199,8 +205,9 @@ class LeukoflowAPI:
     only, ``image`` must be a file, size limit), so unauthenticated bodies are never buffered.
     """
 
-    classifier = bentoml.depends(ClassifierService)
-    detector = bentoml.depends(DetectorService)
+    # A family this deployment does not serve has no dependency: its route answers 503.
+    classifier = bentoml.depends(ClassifierService) if CLASSIFIER_TAG else None
+    detector = bentoml.depends(DetectorService) if DETECTOR_TAG else None
 
     def __init__(self) -> None:
         cfg = _config()
@@ -221,6 +228,9 @@ class LeukoflowAPI:
         return await asyncio.to_thread(getattr(dep, method), **kwargs)
 
     async def _run(self, image: Path | None, dep: Any, method: str, what: str) -> Any:
+        if dep is None:
+            return _error(HTTPStatus.SERVICE_UNAVAILABLE,
+                          f"this deployment serves no {what} model (none has been promoted)")
         try:
             async with self._decodes:
                 img = await asyncio.to_thread(self._decode, image)
@@ -277,9 +287,10 @@ class LeukoflowAPI:
     @bentoml.api(route="/whoami")
     async def whoami(self) -> dict[str, Any]:
         """Process ids of the API and the model services, and the models they serve."""
-        classifier = await self._call(self.classifier, "whoami")
-        detector = await self._call(self.detector, "whoami")
-        return {"api": {"pid": os.getpid()}, "classifier": classifier, "detector": detector}
+        out: dict[str, Any] = {"api": {"pid": os.getpid()}}
+        for name, dep in (("classifier", self.classifier), ("detector", self.detector)):
+            out[name] = None if dep is None else await self._call(dep, "whoami")
+        return out
 
 
 LeukoflowAPI.add_asgi_middleware(ApiKeyMiddleware)

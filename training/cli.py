@@ -177,18 +177,24 @@ def registry_show(ctx: click.Context) -> None:
 
 @main.command()
 @click.argument("model")
+@click.option("--to", "to", default=None, help="Version to make champion (default: the "
+              "recorded previous champion).")
 @click.option("--no-publish", is_flag=True, help="Only move the aliases.")
 @click.pass_context
-def rollback(ctx: click.Context, model: str, no_publish: bool) -> None:
-    """champion <- previous_champion for MODEL, then republish."""
-    from training.promotion.aliases import rollback as do_rollback
+def rollback(ctx: click.Context, model: str, to: str | None, no_publish: bool) -> None:
+    """champion <- version TO (default previous_champion) for MODEL, then republish."""
     from training.stages import publish
+    from training.stages import rollback as do_rollback
 
     cfg = _cfg(ctx)
-    champion, demoted = do_rollback(cfg, model)
-    click.echo(f"{model}: champion is now v{champion} (v{demoted} demoted)")
+    result = do_rollback(cfg, model, to)
+    if result["changed"]:
+        click.echo(f"{model}: champion is now v{result['champion']} "
+                   f"(v{result['demoted']} demoted)")
+    else:
+        click.echo(f"{model}: nothing moved ({result['reason']})")
     if not no_publish:
-        _echo_json(publish(cfg, []))
+        _echo_json(publish(cfg, [], always=True))
 
 
 @main.command()
@@ -197,7 +203,7 @@ def publish(ctx: click.Context) -> None:
     """Build the Bento from the champions, start it on loopback and smoke-test it."""
     from training.stages import publish as do_publish
 
-    _echo_json(do_publish(_cfg(ctx), []))
+    _echo_json(do_publish(_cfg(ctx), [], always=True))
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -206,22 +212,31 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 @main.command()
 @click.option("--port", type=int, default=None, help="Default: serving.port of the config.")
-@click.option("--source", is_flag=True, help="Serve this checkout's service, not the Bento.")
+@click.option("--source", is_flag=True, help="Serve the installed service code once, not the "
+              "published Bento (no swaps).")
 @click.pass_context
 def serve(ctx: click.Context, port: int | None, source: bool) -> None:
-    """Serve the last published Bento (the champions) on loopback until Ctrl-C."""
+    """Serve the published champions on one stable port, swapping (blue/green) to each newly
+    published Bento, until SIGTERM or Ctrl-C; every process it started stops with it."""
     import signal
     import time
 
     from training.publish.bento import serve as run_server
 
     cfg = _cfg(ctx)
-    target = None if source else "leukoflow:latest"
+    if not source:
+        from training.publish.deploy import run_supervisor
+
+        click.echo(f"serving the published Bento at http://{cfg.serving.host}:"
+                   f"{port or cfg.serving.port} (docs /docs); new publications swap in; "
+                   "Ctrl-C stops")
+        run_supervisor(cfg, port=port)
+        return
     # `make down` sends SIGTERM: stop the Bento's circus tree as Ctrl-C does (circus puts its
     # workers in sessions of their own, out of reach of a signal to this process's group)
     signal.signal(signal.SIGTERM, _interrupt)
-    with run_server(cfg, port=port or cfg.serving.port, target=target) as url:
-        click.echo(f"serving {target or 'serving.service:LeukoflowAPI'} at {url} "
+    with run_server(cfg, port=port or cfg.serving.port, target=None) as url:
+        click.echo(f"serving serving.service:LeukoflowAPI at {url} "
                    f"(docs {url}/docs); Ctrl-C stops")
         try:
             while True:

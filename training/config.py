@@ -149,10 +149,27 @@ class GateConfig(_Section):
     """Promotion gate: absolute floors, then no regression against the champion."""
 
     classifier_metric: str = "balanced_accuracy"
-    classifier_floor: float = Field(0.0, ge=0, le=1)
+    # Non-zero floors: a first model must beat chance clearly before anything serves it
+    # (binary balanced accuracy 0.5 and 4-class 0.25 are chance; mAP50 0.25 finds most cells).
+    classifier_floor: float = Field(0.6, ge=0, le=1)
     detector_metric: str = "map50"
-    detector_floor: float = Field(0.0, ge=0, le=1)
+    detector_floor: float = Field(0.25, ge=0, le=1)
     max_regression: float = Field(0.0, ge=0, le=1)  # allowed drop vs champion
+    # The paired test: candidate minus champion on the same test rows (subjects resampled when
+    # the split is by subject). Off: its CI is reported in the reasons; on: the lower end of the
+    # CI must exceed min_improvement, so noise alone never replaces a champion.
+    require_paired_improvement: bool = False
+    min_improvement: float = Field(0.0, ge=-1, le=1)
+
+
+class PipelineConfig(_Section):
+    """Bounds and notifications of the DAG runs: nothing hangs forever, refusals are heard."""
+
+    train_timeout_s: int = Field(6 * 3600, ge=1)  # one training child; killed when it passes
+    task_timeout_s: int = Field(3600, ge=1)  # any other task (validate, promote, publish)
+    registry_pool: str = "leukoflow_registry"  # one-slot Airflow pool serializing alias moves
+    webhook_url: str | None = None  # POSTed a JSON event on a refusal, rollback or failure
+    webhook_timeout_s: float = Field(5.0, gt=0)
 
 
 class MlflowConfig(_Section):
@@ -193,6 +210,7 @@ class Config(BaseSettings):
     classifier: ClassifierConfig = ClassifierConfig()
     detector: DetectorConfig = DetectorConfig()
     gate: GateConfig = GateConfig()
+    pipeline: PipelineConfig = PipelineConfig()
     mlflow: MlflowConfig = MlflowConfig()
     serving: ServingConfig = ServingConfig()
 

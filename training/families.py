@@ -37,6 +37,8 @@ class Family:
     pyfunc: str  # "module:Class" of the logged MLflow pyfunc
     takes_architecture: bool  # whether the train entry takes ``--architecture``
     compare_architectures: bool  # log the papers' comparison table across candidates
+    route: str  # the HTTP route that serves it
+    answer_fields: tuple[str, ...]  # what a good answer of that route holds (smoke test)
 
     def registered_name(self, cfg: Config) -> str:
         return str(getattr(cfg.mlflow, self.registered_name_key))
@@ -80,6 +82,7 @@ FAMILIES: dict[str, Family] = {
         predict_module="training.classifier.predict",
         pyfunc="training.classifier.pyfunc:KerasClassifierModel",
         takes_architecture=True, compare_architectures=True,
+        route="/classify", answer_fields=("label", "probabilities"),
     ),
     "detector": Family(
         name="detector", kind="field",
@@ -90,6 +93,7 @@ FAMILIES: dict[str, Family] = {
         predict_module="training.detector.predict",
         pyfunc="training.detector.pyfunc:DetectorModel",
         takes_architecture=False, compare_architectures=False,
+        route="/detect", answer_fields=("boxes",),
     ),
 }
 

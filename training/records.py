@@ -99,6 +99,7 @@ class Promotion(_Record):
     reasons: list[str]
     champion_version: str  # champion after the decision
     previous_champion: str | None
+    before: dict[str, str | None] | None = None  # the three aliases before the decision
 
 
 @dataclass

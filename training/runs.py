@@ -54,6 +54,7 @@ class CandidateRun:
     test_sha: str
     champion_version: str | None = None
     champion_metrics: dict[str, float] | None = field(default=None)
+    test_dataset: Any = None  # the MLflow dataset of the test rows the metrics are measured on
 
     def record_champion(self, version: str | None, metrics: dict[str, float] | None,
                         predictions: pd.DataFrame | None = None) -> None:
@@ -68,13 +69,16 @@ class CandidateRun:
         if predictions is not None:
             mlflow.log_text(predictions.to_csv(index=False), "predictions/champion_test.csv")
 
-    def finish(self, metrics: dict[str, float]) -> Candidate:
-        """The Candidate record of this run, also logged as ``candidate.json``."""
+    def finish(self, metrics: dict[str, float], model: Any) -> Candidate:
+        """Log the test metrics linked to the logged ``model`` (MLflow's ``ModelInfo``) and the
+        test rows, and return the Candidate record (also logged as ``candidate.json``). The
+        Candidate names the logged model's own URI, which the registry registers."""
         import mlflow
 
+        mlflow.log_metrics(metrics, model_id=model.model_id, dataset=self.test_dataset)
         candidate = Candidate(
             family=self.family.name, architecture=self.architecture, run_id=self.run_id,  # type: ignore[arg-type]
-            model_uri=f"runs:/{self.run_id}/model", metrics=metrics,
+            model_uri=model.model_uri, metrics=metrics,
             split_kind=self.split_kind, test_set_sha256=self.test_sha,
             dataset_version=self.ds.version, champion_version=self.champion_version,
             champion_metrics=self.champion_metrics,
@@ -118,5 +122,24 @@ def candidate_run(
         work.mkdir(parents=True, exist_ok=True)
         mlflow.log_params({**params, "dataset_version": ds.version})
         mlflow.log_dict(cfg.dump(), "config.json")
+        manifest, test = _datasets(ds, rows)
+        mlflow.log_input(manifest, context="training")
+        mlflow.log_input(test, context="test")
         yield CandidateRun(family=family, architecture=architecture, run_id=run_id, work=work,
-                           ds=ds, split_kind=split_kind, test_sha=test_sha)
+                           ds=ds, split_kind=split_kind, test_sha=test_sha, test_dataset=test)
+
+
+def _datasets(ds: CuratedDataset, rows: pd.DataFrame) -> tuple[Any, Any]:
+    """The frozen manifest rows this family uses, and its test rows, as MLflow datasets (ids,
+    labels, subjects and splits only: never pixels or local paths)."""
+    import mlflow.data
+
+    cols = [c for c in ("sha256", "kind", "label", "subject_id", "split", "batch_id")
+            if c in rows.columns]
+    frame = rows[cols].reset_index(drop=True)
+    test = frame[frame["split"] == "test"].reset_index(drop=True)
+    source = ds.manifest_uri
+    return (mlflow.data.from_pandas(frame, source=source, name=f"curated-v{ds.version}",
+                                    targets="label"),
+            mlflow.data.from_pandas(test, source=source, name=f"curated-v{ds.version}-test",
+                                    targets="label"))

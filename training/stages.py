@@ -7,12 +7,15 @@ Training runs in a child process per model family (TensorFlow and torch segfault
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -65,11 +68,11 @@ def validate(cfg: Config, batch_id: str) -> dict[str, Any]:
     return result.to_dict()
 
 
-def curated_dataset(cfg: Config) -> dict[str, Any]:
-    """The newest curated dataset version (what retraining will freeze and use)."""
+def curated_dataset(cfg: Config, version: int | None = None) -> dict[str, Any]:
+    """A curated dataset version (default: the newest), what retraining freezes and uses."""
     from training.data.dataset import load_manifest
 
-    _, ds = load_manifest(cfg)
+    _, ds = load_manifest(cfg, version)
     return ds.to_dict()
 
 
@@ -109,91 +112,188 @@ def train(
         if parent_run_id:
             cmd += ["--parent-run-id", parent_run_id]
         env = {**os.environ, "LEUKOFLOW_HOME": str(cfg.home), **config_env(overrides)}
-        log.info("starting %s", " ".join(cmd))
+        timeout = cfg.pipeline.train_timeout_s
+        log.info("starting (time limit %ds) %s", timeout, " ".join(cmd))
+        # A session of its own, so a time-out (or this task being killed) ends the child's
+        # whole process tree, data-loader workers included.
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1)
+                                text=True, bufsize=1, start_new_session=True)
+        timed_out = threading.Event()
+
+        def expire() -> None:
+            timed_out.set()
+            _kill_tree(proc)
+
+        timer = threading.Timer(timeout, expire)
+        timer.start()
         tail: list[str] = []
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.info("[%s] %s", family, line.rstrip())
-            tail = (tail + [line.rstrip()])[-20:]
-        if proc.wait() != 0 or not out.exists():
-            raise TrainingError(f"{family} training ({architecture or 'default'}) exited with "
-                                f"{proc.returncode}; last lines:\n" + "\n".join(tail))
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.info("[%s] %s", family, line.rstrip())
+                tail = (tail + [line.rstrip()])[-20:]
+            proc.wait()
+        finally:  # also when Airflow's execution_timeout interrupts this task
+            timer.cancel()
+            if proc.poll() is None:
+                _kill_tree(proc)
+        what = f"{family} training ({architecture or 'default'})"
+        if timed_out.is_set():
+            raise TrainingError(f"{what} passed pipeline.train_timeout_s = {timeout}s and was "
+                                "killed; last lines:\n" + "\n".join(tail))
+        if proc.returncode != 0 or not out.exists():
+            raise TrainingError(f"{what} exited with {proc.returncode}; last lines:\n"
+                                + "\n".join(tail))
         candidate = Candidate.from_dict(json.loads(out.read_text()))
     log.info("%s %s: %s", family, candidate.architecture,
              {k: round(v, 4) for k, v in candidate.metrics.items() if "__" not in k})
     return candidate.to_dict()
 
 
-def log_comparison(cfg: Config, candidates: list[Candidate], parent_run_id: str) -> None:
+def _kill_tree(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL the child's process group (it was started in a session of its own)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=30)
+
+
+def log_comparison(cfg: Config, candidates: list[Candidate], parent_run_id: str,
+                   failed: dict[str, list[str]] | None = None) -> None:
     """The papers' table (accuracy, precision, recall, F1, parameters...) across architectures,
-    as CSV, markdown and a chart on the DAG run's parent MLflow run."""
+    as CSV, markdown and a chart on the DAG run's parent MLflow run; trainings that failed are
+    listed beside it (``comparison/failed.json``) and tagged on the run."""
     import mlflow
 
     from training.evaluation.metrics import save_comparison
     from training.tracking import configure_mlflow
 
     rows = [c.to_dict() for c in candidates if FAMILIES[c.family].compare_architectures]
-    if not rows:
+    if not rows and not failed:
         return
     configure_mlflow(cfg)
     with tempfile.TemporaryDirectory(prefix="leukoflow-cmp-") as tmp:
-        paths = save_comparison(rows, Path(tmp))
+        paths = save_comparison(rows, Path(tmp)) if rows else []
         client = mlflow.MlflowClient()
+        if failed:
+            (Path(tmp) / "failed.json").write_text(json.dumps(failed, indent=2) + "\n")
+            paths.append(Path(tmp) / "failed.json")
+            client.set_tag(parent_run_id, "failed_trainings", json.dumps(failed)[:5000])
         for path in paths:
             client.log_artifact(parent_run_id, str(path), "comparison")
         log.info("comparison of %d architecture(s) logged to run %s under comparison/",
                  len(rows), parent_run_id)
 
 
-def promote_best(cfg: Config, candidates: list[dict[str, Any]], tags: dict[str, str],
-                 parent_run_id: str | None = None) -> list[dict[str, Any]]:
-    """Per family, register the best candidate and let the gate decide on ``champion``."""
+def _rank_key(family: Any, cfg: Config, candidate: Candidate) -> tuple[float, str]:
+    """Candidates are chosen on validation rows when every one has them, never on test rows
+    alone: the test rows are what the gate then judges the chosen one on."""
+    metric = family.gate_metric(cfg)
+    worst = family.best_value()
+    value = candidate.metrics.get(f"val_{metric}", candidate.metrics.get(metric, worst))
+    return (value if family.higher_is_better else -value), candidate.architecture
+
+
+def promote_best(cfg: Config, candidates: list[dict[str, Any] | None], tags: dict[str, str],
+                 parent_run_id: str | None = None,
+                 expected: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
+    """Per family, register the best candidate and let the gate decide on ``champion``.
+
+    ``candidates`` may hold None for a training that failed (the DAG's promote runs once every
+    training is done): the others are still judged, and ``expected`` (family -> architectures
+    that were to be trained) names the missing ones in the log, the parent run and a
+    notification. The best is chosen on validation metrics (``val_<gate metric>``) when every
+    candidate of the family has them, else on the gated metric, and the choice is logged.
+    """
+    from training.notify import notify
     from training.promotion.aliases import promote
 
     by_family: dict[str, list[Candidate]] = {}
-    for c in map(Candidate.from_dict, candidates):
+    for c in (Candidate.from_dict(d) for d in candidates if d):
         by_family.setdefault(c.family, []).append(c)
+    failed = {fam: sorted(set(archs) - {c.architecture for c in by_family.get(fam, [])})
+              for fam, archs in (expected or {}).items()}
+    failed = {fam: archs for fam, archs in failed.items() if archs}
+    if failed:
+        notify(cfg, "training_failed", f"training failed for {failed}; the other candidates "
+               "are judged without them", failed=failed, **tags)
     if parent_run_id:
-        log_comparison(cfg, [c for cs in by_family.values() for c in cs], parent_run_id)
+        log_comparison(cfg, [c for cs in by_family.values() for c in cs], parent_run_id,
+                       failed=failed)
     promotions = []
     for name, cands in sorted(by_family.items()):
         family = get_family(name)
         metric = family.gate_metric(cfg)
-        ranked = sorted(cands, key=lambda c: c.metrics.get(metric, family.best_value()),
-                        reverse=family.higher_is_better)
-        best = ranked[0]
+        on_val = all(f"val_{metric}" in c.metrics for c in cands)
+        best = max(cands, key=lambda c: _rank_key(family, cfg, c))
+        if len(cands) > 1:
+            log.info("%s: chose %s of %s on %s %s", name, best.architecture,
+                     [c.architecture for c in cands], "validation" if on_val else "test",
+                     metric)
         p = promote(cfg, best, tags)
         log.info("%s v%s (%s): %s - %s", p.model_name, p.version, best.architecture,
                  "PROMOTED to champion" if p.promoted else "not promoted", "; ".join(p.reasons))
+        if not p.promoted:
+            notify(cfg, "gate_refused", f"{p.model_name} v{p.version} ({best.architecture}) "
+                   f"was not promoted: {'; '.join(p.reasons)}", model=p.model_name,
+                   version=p.version, reasons=p.reasons, **tags)
         promotions.append(p.to_dict())
     return promotions
 
 
-def publish(cfg: Config, promotions: list[dict[str, Any]]) -> dict[str, Any]:
-    """Build and smoke-test the Bento of the champions; on failure put the aliases back."""
-    from training.promotion.aliases import undo_promotion
+def publish(cfg: Config, promotions: list[dict[str, Any]], *,
+            always: bool = False) -> dict[str, Any]:
+    """Publish the champions when a family was promoted (TFX's blessing gates the push).
+
+    Nothing promoted: nothing is rebuilt, the service keeps serving what it served, and the
+    result says so. ``always``: publish anyway (a rollback, ``leukoflow publish``). A retried
+    publish first re-applies a promotion that its failed attempt undid; a failed publish puts
+    every alias back as it was before the promotions and notifies.
+    """
+    from training.notify import notify
+    from training.promotion.aliases import redo_promotion, undo_promotion
     from training.publish import bento as publisher
 
+    promoted = [p for p in map(Promotion.from_dict, promotions) if p.promoted]
+    if not promoted and not always:
+        log.info("no family was promoted: nothing to publish; the service keeps serving "
+                 "what it served")
+        return {"published": False, "reason": "no family was promoted"}
+    for p in promoted:
+        redo_promotion(cfg, p)
     try:
         publication = publisher.publish(cfg)
     except Exception as exc:
-        for p in map(Promotion.from_dict, promotions):
-            log.error("publish failed: rolling %s back from v%s", p.model_name, p.version)
-            undo_promotion(cfg, p)
+        for p in promoted:
+            log.error("publish failed: putting the aliases of %s back as before v%s",
+                      p.model_name, p.version)
+            undo_promotion(cfg, p, reason=f"publish failed: {exc}"[:1000])
+        notify(cfg, "publish_failed", f"publishing failed and the promotions were undone: "
+               f"{exc}"[:2000], promotions=[p.to_dict() for p in promoted])
         if isinstance(exc, PublishError):
             raise
         raise PublishError(f"publishing failed: {exc}") from exc
-    log.info("published Bento %s serving %s; smoke test passed: %s", publication.bento_tag,
-             publication.models, publication.smoke)
-    return publication.to_dict()
+    from training.publish.deploy import record_deployment
+
+    record_deployment(cfg, publication)  # the running service swaps to it (blue/green)
+    log.info("published Bento %s serving %s; smoke test passed: %s; deployed",
+             publication.bento_tag, publication.models, publication.smoke)
+    return {"published": True, **publication.to_dict()}
 
 
-def rollback(cfg: Config, model: str) -> dict[str, str]:
-    """Swap ``champion`` and ``previous_champion`` of the registered model ``model``."""
-    from training.promotion.aliases import rollback as swap
+def rollback(cfg: Config, model: str, to: str | None = None,
+             actor: str | None = None) -> dict[str, Any]:
+    """Make version ``to`` (default: the recorded previous champion) the champion of ``model``.
 
-    champion, demoted = swap(cfg, model)
-    log.info("%s rolled back: champion v%s, demoted v%s", model, champion, demoted)
-    return {"model": model, "champion": champion, "demoted": demoted}
+    Idempotent per ``actor`` (the DAG run): a rerun of a finished rollback moves nothing.
+    """
+    from training.notify import notify
+    from training.promotion.aliases import rollback as move
+
+    result = move(cfg, model, to, actor=actor)
+    if result["changed"]:
+        notify(cfg, "rollback", f"{model} rolled back to v{result['champion']} "
+               f"(v{result['demoted']} demoted)", **result)
+    else:
+        log.info("%s: nothing to roll back (%s)", model, result["reason"])
+    return result

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from training.config import load_config
-from training.dev.localenv import airflow_env
+from training.dev.localenv import airflow_env, pool_command
 from training.dev.synthetic_landing import land_synthetic_batches
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -39,6 +39,7 @@ def chain(tmp_path_factory):
                                      n_fields=12)
     airflow = str(Path(sys.executable).with_name("airflow"))
     _run([airflow, "db", "migrate"], env, timeout=300)
+    _run([airflow, *pool_command(cfg)], env, timeout=120)
     logs = {dag: _run([sys.executable, str(HERE / "run_dag.py"), dag], env)
             for dag in ("ingest_validate", "retrain")}
     return cfg, batches, logs

@@ -53,13 +53,8 @@ NON_CONFIG_VARS = {
     "LEUKOFLOW_BENTO_DETECTOR",
 }
 SERVE_CMD = [
-    "bentoml",
-    "serve",
-    "leukoflow:latest",  # the last Bento that passed its smoke test
-    "--host",
-    "0.0.0.0",
-    "--port",
-    "3000",
+    "leukoflow",
+    "serve",  # the deploy supervisor: the published Bento, swapped blue/green on each publish
 ]
 
 # $$ (escape) | ${NAME[op arg]} | $NAME  -- the interpolation forms Compose supports.

@@ -118,7 +118,7 @@ def test_candidate_json_has_measured_metrics(trained: dict) -> None:
     assert cand["architecture"] == ARCH
     assert cand["split_kind"] == "subject"
     assert cand["dataset_version"] == trained["version"]
-    assert cand["model_uri"] == f"runs:/{cand['run_id']}/model"
+    assert cand["model_uri"].startswith("models:/m-")  # the logged model's own URI
     df, _ = load_manifest(load_config(home=trained["home"]), trained["version"])
     assert cand["test_set_sha256"] == dataset.test_set_sha256(df)
     assert cand["champion_version"] is None and cand["champion_metrics"] is None
@@ -178,6 +178,24 @@ def test_run_has_params_epoch_metrics_and_artifacts(trained: dict) -> None:
     assert meta["preprocess"] == {"image_size": 32, "source_size": 450, "segmentation": "none"}
     # raw images in, preprocessed by the pyfunc itself: no tensor signature to enforce
     assert info.signature is None
+
+
+def test_run_logs_its_data_and_links_test_metrics_to_the_model(trained: dict) -> None:
+    """MLflow 3: the frozen manifest and the test rows are dataset inputs of the run, and the
+    test metrics are the logged model's own, measured on those test rows."""
+    cfg, mlflow, client = _mlflow(trained["home"])
+    cand = json.loads(trained["out"].read_text())
+    inputs = client.get_run(cand["run_id"]).inputs.dataset_inputs
+    names = {i.dataset.name: {t.value for t in i.tags} for i in inputs}
+    version = trained["version"]
+    assert names[f"curated-v{version}"] == {"training"}
+    assert names[f"curated-v{version}-test"] == {"test"}
+    model = mlflow.get_logged_model(cand["model_uri"].removeprefix("models:/"))
+    linked = {m.key: m.value for m in model.metrics}
+    assert linked["balanced_accuracy"] == pytest.approx(cand["metrics"]["balanced_accuracy"])
+    assert {m.dataset_name for m in model.metrics} == {f"curated-v{version}-test"}
+    version_of = mlflow.register_model(cand["model_uri"], "registered-from-the-logged-model")
+    assert version_of.run_id == cand["run_id"]
 
 
 def test_logged_model_loads_and_predicts_probabilities(trained: dict) -> None:
@@ -260,8 +278,11 @@ def test_champion_is_evaluated_on_the_same_test_set(trained: dict) -> None:
     champ = second["champion_metrics"]
     quality = {k for k in first["metrics"]
                if k not in ("train_time_s", "latency_ms_per_image", "total_params",
-                            "trainable_params")}
+                            "trainable_params") and not k.startswith("val_")}
     assert set(champ) == quality
+    # the paired test of the second candidate against the champion, on the same rows
+    assert {"paired_balanced_accuracy_delta", "paired_balanced_accuracy_delta_ci_low",
+            "paired_balanced_accuracy_delta_ci_high"} <= set(second["metrics"])
     # Same weights, same test images, same preprocessing (the champion's own): same scores.
     for key in quality:
         assert champ[key] == pytest.approx(first["metrics"][key], abs=1e-6), key

@@ -120,12 +120,23 @@ def _probabilities(model: Any, paths: list[str], params: PreprocessParams,
 
 
 def _metrics(y_true: np.ndarray, y_prob: np.ndarray, classes: list[str],
-             positive: str | None, who: str) -> dict[str, float]:
+             positive: str | None, who: str, n_bootstrap: int = 1000) -> dict[str, float]:
     from training.evaluation.metrics import classification_metrics
 
     if not np.all(np.isfinite(y_prob)):
         raise TrainingError(f"{who} produced non-finite probabilities (did training diverge?)")
-    return classification_metrics(y_true, y_prob, classes, positive)
+    return classification_metrics(y_true, y_prob, classes, positive, n_bootstrap=n_bootstrap)
+
+
+def _val_metrics(model: Any, part: pd.DataFrame, y: np.ndarray, classes: list[str],
+                 positive: str | None, params: PreprocessParams, batch_size: int,
+                 who: str) -> dict[str, float]:
+    """``val_*`` metrics: what architectures are chosen on (the test rows are for the gate)."""
+    if len(part) == 0:
+        return {}
+    y_prob = _probabilities(model, list(part["path"]), params, batch_size)
+    val = _metrics(y, y_prob, classes, positive, f"{who} (val)", n_bootstrap=0)
+    return {f"val_{k}": v for k, v in val.items() if "__" not in k and "_ci_" not in k}
 
 
 def _predictions_table(test: pd.DataFrame, y_prob: np.ndarray, classes: list[str]) -> pd.DataFrame:
@@ -202,6 +213,23 @@ def _evaluate_champion(
     return version, metrics, _predictions_table(test, y_prob, classes)
 
 
+def _paired(cfg: Config, y_true: np.ndarray, y_prob: np.ndarray, champion: pd.DataFrame,
+            classes: list[str], test: pd.DataFrame, split_kind: str) -> dict[str, float]:
+    """Candidate minus champion on the same test rows, with its paired bootstrap 95 % CI
+    (resampling subjects when the split is by subject): what the gate's paired test reads."""
+    from training.evaluation.metrics import PAIRED_METRICS, paired_bootstrap_delta
+
+    metric = FAMILY.gate_metric(cfg)
+    if metric not in PAIRED_METRICS:
+        return {}
+    champ = champion[[f"p_{c}" for c in classes]].to_numpy().argmax(axis=1)
+    groups = None
+    if split_kind == "subject" and test["subject_id"].notna().all():
+        groups = test["subject_id"].astype(str).to_numpy()
+    out = paired_bootstrap_delta(metric, y_true, y_prob.argmax(axis=1), champ, groups=groups)
+    return {f"paired_{metric}_{k}": v for k, v in out.items()}
+
+
 def _pip_requirements() -> list[str]:
     return pinned_requirements(
         ("mlflow", "tensorflow-cpu", "keras", "numpy", "pillow", "pyyaml", "pandas"))
@@ -217,7 +245,7 @@ def _flat_params(hp: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _log_model(model: Any, work: Path, meta: dict[str, Any], params: PreprocessParams) -> None:
+def _log_model(model: Any, work: Path, meta: dict[str, Any], params: PreprocessParams) -> Any:
     """Log the pyfunc model of the contract: ``artifacts/model.keras`` + metadata.
 
     The pyfunc takes raw images and preprocesses them itself (see
@@ -232,13 +260,14 @@ def _log_model(model: Any, work: Path, meta: dict[str, Any], params: PreprocessP
     # A fresh functional view over the same layers is uncompiled: it saves the weights
     # without the optimizer's slots, which would triple the file for nothing at serving time.
     keras.Model(model.inputs, model.outputs, name=model.name).save(keras_path)
-    mlflow.pyfunc.log_model(
+    info = mlflow.pyfunc.log_model(
         name="model",
         python_model=KerasClassifierModel(classes=meta["classes"], preprocess=params.to_dict()),
         artifacts={"keras_model": str(keras_path)}, metadata=meta,
         pip_requirements=_pip_requirements(),
     )
     keras_path.unlink()  # MLflow holds the copy; large heads weigh hundreds of MB
+    return info
 
 
 def _fit(model: Any, hp: dict[str, Any], part: dict[str, pd.DataFrame],
@@ -337,10 +366,11 @@ def train_and_evaluate(
         test_paths = list(part["test"]["path"])
         y_prob = _probabilities(model, test_paths, params, int(hp["batch_size"]))
         metrics = _metrics(y["test"], y_prob, classes, positive, architecture)
+        metrics.update(_val_metrics(model, part["val"], y["val"], classes, positive, params,
+                                    int(hp["batch_size"]), architecture))
         metrics.update(total_params=float(total), trainable_params=float(trainable),
                        train_time_s=train_time,
                        latency_ms_per_image=_latency_ms(model, test_paths, params))
-        mlflow.log_metrics(metrics)
         for path in save_classification_plots(y["test"], y_prob, classes, run.work / "plots",
                                               title=architecture):
             mlflow.log_artifact(str(path), artifact_path="plots")
@@ -352,12 +382,16 @@ def train_and_evaluate(
                 "gradcam_layer": spec.gradcam_layer, "split_kind": run.split_kind}
         _log_gradcam(model, part["test"], y["test"], classes, params, meta["gradcam_layer"],
                      run.work)
-        _log_model(model, run.work, meta, params)
+        logged = _log_model(model, run.work, meta, params)
         del model
 
-        run.record_champion(*_evaluate_champion(
-            cfg, part["test"], y["test"], classes, positive, int(hp["batch_size"]), run.work))
-        return run.finish(metrics)
+        champion = _evaluate_champion(cfg, part["test"], y["test"], classes, positive,
+                                      int(hp["batch_size"]), run.work)
+        run.record_champion(*champion)
+        if champion[2] is not None:
+            metrics.update(_paired(cfg, y["test"], y_prob, champion[2], classes, part["test"],
+                                   run.split_kind))
+        return run.finish(metrics, logged)
 
 
 # ---------------------------------------------------------------------------------- CLI

@@ -283,8 +283,7 @@ def train_and_evaluate_detector(
         metrics = _evaluate(best, data_yaml, imgsz=det.imgsz, batch=det.batch, device=device,
                             classes=classes, out_dir=run.work / "test")
         metrics.update(train_time_s=train_time, **trained)
-        mlflow.log_metrics(metrics)
-        mlflow.pyfunc.log_model(
+        logged = mlflow.pyfunc.log_model(
             name="model",
             python_model=DetectorModel(imgsz=det.imgsz, classes=classes),
             artifacts={"weights": str(best)},
@@ -300,7 +299,7 @@ def train_and_evaluate_detector(
                 champ_dir / "artifacts" / "best.pt", data_yaml,
                 imgsz=int(meta.get("imgsz") or det.imgsz), batch=det.batch, device=device,
                 classes=classes, out_dir=run.work / "champion_test"))
-        return run.finish(metrics)
+        return run.finish(metrics, logged)
 
 
 # ---------------------------------------------------------------------------------- CLI

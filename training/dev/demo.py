@@ -22,7 +22,7 @@ from pathlib import Path
 import click
 
 from training.config import Config
-from training.dev.localenv import airflow_env
+from training.dev.localenv import airflow_env, pool_command
 from training.errors import LeukoflowError
 
 __all__ = ["clear_queued_asset_runs", "run_chain", "run_demo", "run_dag"]
@@ -113,8 +113,9 @@ def _last_run_id(cfg: Config, dag_id: str) -> str:
 def run_chain(cfg: Config, timings: dict[str, float] | None = None) -> dict[str, float]:
     """The demo's Airflow part: migrate, ``dags test`` both DAGs, leave nothing queued."""
     timings = {} if timings is None else timings
-    with _step("airflow db migrate (SQLite)", timings):
+    with _step("airflow db migrate (SQLite) + pools", timings):
         _airflow(cfg, "db", "migrate", log_name="airflow-db-migrate.log")
+        _airflow(cfg, *pool_command(cfg), log_name="airflow-pools.log")
     tasks: dict[str, float] = {}
     with _step("airflow dags test ingest_validate", timings):
         tasks.update(run_dag(cfg, "ingest_validate"))

@@ -14,7 +14,7 @@ from pathlib import Path
 from training.config import Config
 from training.errors import ConfigError
 
-__all__ = ["airflow_env", "checkout", "cpu_model", "service_env"]
+__all__ = ["airflow_env", "checkout", "cpu_model", "pool_command", "service_env"]
 
 CHECKOUT_ENV = "LEUKOFLOW_CHECKOUT"
 
@@ -79,6 +79,12 @@ def airflow_env(cfg: Config) -> dict[str, str]:
         # `airflow standalone` starts its components as `airflow ...` from PATH
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
     }
+
+
+def pool_command(cfg: Config) -> list[str]:
+    """``airflow pools set ...``: the one-slot pool the promote and rollback tasks run in, so
+    alias moves never interleave across workers (every stack creates it after migrating)."""
+    return ["pools", "set", cfg.pipeline.registry_pool, "1", "leukoflow registry alias moves"]
 
 
 def cpu_model() -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 import click
 
 from training.config import Config
-from training.dev.localenv import airflow_env, checkout, service_env
+from training.dev.localenv import airflow_env, checkout, pool_command, service_env
 from training.errors import LeukoflowError
 
 __all__ = ["airflow_healthy", "start_all", "stop_all"]
@@ -74,13 +74,15 @@ def _wait_healthy(base_url: str, pid: int, timeout_s: float, log: Path) -> None:
 
 
 def _migrate(cfg: Config, binary: str, env: dict[str, str]) -> None:
+    """``airflow db migrate``, then the pools the DAGs run tasks in (before any scheduler)."""
     log = cfg.home / "logs" / "airflow-db-migrate.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as out:
-        code = subprocess.run([binary, "db", "migrate"], env={**os.environ, **env}, stdout=out,
-                              stderr=subprocess.STDOUT, cwd=checkout()).returncode
-    if code != 0:
-        raise LeukoflowError(f"`airflow db migrate` exited {code}; log: {log}")
+        for args in (["db", "migrate"], pool_command(cfg)):
+            code = subprocess.run([binary, *args], env={**os.environ, **env}, stdout=out,
+                                  stderr=subprocess.STDOUT, cwd=checkout()).returncode
+            if code != 0:
+                raise LeukoflowError(f"`airflow {' '.join(args)}` exited {code}; log: {log}")
 
 
 def start_all(cfg: Config, health_timeout_s: float = 300) -> None:

@@ -39,7 +39,29 @@ def gate(cfg: Config, candidate: Candidate) -> tuple[bool, list[str]]:
         f"(same test set {candidate.test_set_sha256[:12]}, split {candidate.split_kind})"
     )
     reasons.extend(_significance(metric, candidate.metrics, champ))
-    return ok and better, reasons
+    paired_ok, paired = _paired(cfg, metric, candidate)
+    reasons.extend(paired)
+    return ok and better and paired_ok, reasons
+
+
+def _paired(cfg: Config, metric: str, candidate: Candidate) -> tuple[bool, list[str]]:
+    """The paired test on the same rows: reported always, a condition when enabled."""
+    keys = [f"paired_{metric}_{k}" for k in ("delta", "delta_ci_low", "delta_ci_high",
+                                             "n_units")]
+    if not all(k in candidate.metrics for k in keys):
+        if cfg.gate.require_paired_improvement:
+            return False, [f"the paired test is required but the candidate has no "
+                           f"paired_{metric}_* metrics (no champion predictions on its rows)"]
+        return True, []
+    delta, low, high, units = (candidate.metrics[k] for k in keys)
+    text = (f"paired {metric} difference vs champion v{candidate.champion_version} on the same "
+            f"{units:.0f} resampling units: {delta:+.4f} [95% CI {low:+.4f}, {high:+.4f}]")
+    if not cfg.gate.require_paired_improvement:
+        return True, [text + " (informational: gate.require_paired_improvement is off)"]
+    need = cfg.gate.min_improvement
+    passed = low > need
+    return passed, [text + (f"; lower end {'>' if passed else '<='} required "
+                            f"improvement {need:+.4f}")]
 
 
 def _significance(metric: str, cand: dict[str, float], champ: dict[str, float]) -> list[str]:

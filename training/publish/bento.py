@@ -123,26 +123,31 @@ def _run(cmd: list[str], cfg: Config, what: str, timeout: float,
 
 # ---------------------------------------------------------------------- import / build
 def _champions(cfg: Config) -> list[tuple[str, str, str, str]]:
-    """(family, name, version, run_id) of both champions; PublishError if one is missing."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+    """(family, name, version, run_id) of every family that has a champion.
 
-    from training.tracking import configure_mlflow
+    A deployment may serve one family (a cells-only site trains no detector); PublishError
+    when no family has a champion, or when the registry cannot be read (never read as "none").
+    """
+    from mlflow import MlflowClient
+
+    from training.promotion.aliases import alias_version
 
     try:
-        configure_mlflow(cfg)
+        client = MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.tracking_uri)
+        out = []
+        for family in FAMILIES.values():
+            name = family.registered_name(cfg)
+            version = alias_version(cfg, name, "champion")
+            if version is None:
+                log.info("%s has no champion: this Bento serves no %s", name, family.name)
+                continue
+            mv = client.get_model_version(name, version)
+            out.append((family.name, name, version, str(mv.run_id or "")))
     except RegistryError as exc:
         raise PublishError(f"cannot read the champions: {exc}") from exc
-    client = MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.tracking_uri)
-    out = []
-    for family in FAMILIES:
-        name = get_family(family).registered_name(cfg)
-        try:
-            mv = client.get_model_version_by_alias(name, "champion")
-        except MlflowException as exc:
-            raise PublishError(f"{name} has no 'champion' alias in {cfg.tracking_uri}: train "
-                               f"and promote a {family} first ({exc})") from exc
-        out.append((family, name, str(mv.version), str(mv.run_id or "")))
+    if not out:
+        raise PublishError(f"no model has a 'champion' alias in {cfg.tracking_uri}: train and "
+                           "promote a classifier or a detector first")
     return out
 
 
@@ -169,9 +174,16 @@ def import_champions(cfg: Config) -> dict[str, str]:
     return {m.name: m.bento_tag for m in import_champions_detail(cfg)}
 
 
+def _model_tags(models: list[ChampionModel]) -> dict:
+    """Family -> the BentoML model tag it serves, ``none`` for a family without a champion."""
+    tags = {family: "none" for family in FAMILIES}
+    tags.update({m.family: m.bento_tag for m in models})
+    return tags
+
+
 def _model_args(models: list[ChampionModel]) -> list[str]:
-    return [arg for m in models
-            for arg in ("--arg", f"{get_family(m.family).bento_arg}={m.bento_tag}")]
+    return [arg for family, tag in _model_tags(models).items()
+            for arg in ("--arg", f"{get_family(family).bento_arg}={tag}")]
 
 
 @contextlib.contextmanager
@@ -259,18 +271,31 @@ def _stop(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
 
 
 @contextlib.contextmanager
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the parent dies (Linux ``PR_SET_PDEATHSIG``),
+    so a publish step killed with SIGKILL leaves no smoke-test server behind."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def serve(
     cfg: Config,
     port: int | None = None,
     target: str | None = None,
     extra_env: Mapping[str, str] | None = None,
+    *,
+    die_with_parent: bool = True,
 ) -> Iterator[str]:
     """Run ``bentoml serve`` on loopback until the block ends; yields the base URL.
 
     ``target``: a Bento tag (as built by :func:`build_bento`) or, by default, the service
     import path, served from the installed packages. Waits for ``/readyz`` up to
     ``cfg.serving.startup_timeout_s``; the server log goes to ``cfg.home/logs/`` and its tail
-    into the PublishError when the server dies or never gets ready. Always stopped on exit.
+    into the PublishError when the server dies or never gets ready. Always stopped on exit;
+    with ``die_with_parent`` also when this process is killed (only for a server started from
+    a thread that lives as long as the process: the signal follows the starting thread).
     """
     import httpx
 
@@ -287,7 +312,8 @@ def serve(
         log_fh.write(f"$ {' '.join(cmd)}\n".encode())
         log_fh.flush()
         proc = subprocess.Popen(cmd, cwd=cfg.home, env=_child_env(cfg, extra_env), stdout=log_fh,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_die_with_parent if die_with_parent else None)
     try:
         start = time.monotonic()
         deadline = start + cfg.serving.startup_timeout_s
@@ -331,9 +357,11 @@ def smoke_test(
     image_bytes: bytes,
     expected_versions: Mapping[str, str] | None = None,
     transport: Any = None,
+    families: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Authenticated /classify and /detect succeed (naming the expected registered versions, if
-    given) and an unauthenticated /classify gets 401; raises PublishError saying what failed.
+    """Authenticated requests to the routes of ``families`` (default: all) succeed, naming the
+    expected registered versions if given, and an unauthenticated one gets 401; raises
+    PublishError saying what failed.
 
     ``transport``: an ``httpx`` transport to use instead of the network (tests).
     """
@@ -351,13 +379,15 @@ def smoke_test(
                 raise PublishError(f"smoke test: POST {route} failed: {exc}") from exc
             return resp, (time.perf_counter() - start) * 1000
 
-        resp, _ = post("/classify", {})
+        served = [get_family(f) for f in (families or list(FAMILIES))]
+        first = served[0].route
+        resp, _ = post(first, {})
         if resp.status_code != 401:
-            raise PublishError(f"smoke test: /classify without a key answered "
+            raise PublishError(f"smoke test: {first} without a key answered "
                                f"{resp.status_code}, expected 401: {resp.text[:300]}")
         report["unauthenticated_status"] = resp.status_code
 
-        for route, needs in (("/classify", ("label", "probabilities")), ("/detect", ("boxes",))):
+        for route, needs in ((f.route, f.answer_fields) for f in served):
             resp, ms = post(route, auth)
             if resp.status_code != 200:
                 raise PublishError(f"smoke test: {route} answered {resp.status_code}: "
@@ -382,12 +412,12 @@ def _check_answer(route: str, body: dict[str, Any], needs: tuple[str, ...], ms: 
         raise PublishError(f"smoke test: {route} served {model}, expected "
                            f"{model.get('name')} v{want} (of {dict(expected_versions)})")
     entry = {"status": 200, "latency_ms": round(ms, 1), "model": model}
-    if route == "/classify":
+    if "probabilities" in needs:
         entry["label"] = body["label"]
         total = sum(float(p) for p in body["probabilities"].values())
         if abs(total - 1.0) > 1e-3:
             raise PublishError(f"smoke test: probabilities sum to {total}: {body}")
-    else:
+    if "boxes" in needs:
         entry["boxes"] = len(body["boxes"])
     return entry
 
@@ -437,10 +467,12 @@ def _publish(cfg: Config, serve_built: bool) -> Publication:
         with _smoke_key(cfg) as key:
             target = tag if serve_built else None
             extra = None if serve_built else {
-                get_family(m.family).bento_tag_env: m.bento_tag for m in models}
+                get_family(family).bento_tag_env: tag
+                for family, tag in _model_tags(models).items()}
             with serve(cfg, target=target, extra_env=extra) as url:
                 ready_s = time.monotonic() - started
-                smoke = smoke_test(url, key, smoke_image(), expected_versions=versions)
+                smoke = smoke_test(url, key, smoke_image(), expected_versions=versions,
+                                   families=[m.family for m in models])
     except BaseException:
         _delete_bento(cfg, tag)  # so that "leukoflow:latest" stays the last Bento that passed
         raise

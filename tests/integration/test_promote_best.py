@@ -1,0 +1,58 @@
+"""The promote step over a real MLflow registry: selection on validation rows, failed trainings
+named but not blocking, refusals notified."""
+
+from __future__ import annotations
+
+import logging
+
+import mlflow
+import pytest
+
+from training.promotion.aliases import alias_version
+from training.records import Candidate
+from training.stages import promote_best
+from training.tracking import configure_mlflow
+
+pytestmark = pytest.mark.integration
+
+
+class _Const(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+def _candidate(cfg, arch: str, test: float, val: float | None) -> dict:
+    exp = configure_mlflow(cfg)
+    with mlflow.start_run(experiment_id=exp) as run:
+        info = mlflow.pyfunc.log_model(name="model", python_model=_Const(), pip_requirements=[])
+    metrics = {"balanced_accuracy": test}
+    if val is not None:
+        metrics["val_balanced_accuracy"] = val
+    return Candidate(family="classifier", architecture=arch, run_id=run.info.run_id,
+                     model_uri=info.model_uri, metrics=metrics, split_kind="subject",
+                     test_set_sha256="abc", dataset_version=1).to_dict()
+
+
+def test_the_best_on_validation_is_gated_and_a_failed_one_is_named(cfg, caplog) -> None:
+    name = cfg.mlflow.classifier_name
+    lucky_on_test = _candidate(cfg, "vgg16", test=0.95, val=0.70)
+    best_on_val = _candidate(cfg, "resnet50", test=0.85, val=0.90)
+    with caplog.at_level(logging.INFO):
+        promotions = promote_best(cfg, [lucky_on_test, None, best_on_val],
+                                  {"airflow_run_id": "r1"},
+                                  expected={"classifier": ["vgg16", "xception", "resnet50"]})
+    assert len(promotions) == 1 and promotions[0]["promoted"]
+    chosen = mlflow.MlflowClient().get_model_version(name, promotions[0]["version"])
+    assert chosen.tags["architecture"] == "resnet50"
+    assert alias_version(cfg, name, "champion") == promotions[0]["version"]
+    text = caplog.text
+    assert "chose resnet50 of ['vgg16', 'resnet50'] on validation" in text
+    assert "training_failed" in text and "xception" in text
+
+
+def test_a_refusal_is_notified(cfg, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="leukoflow.notify"):
+        promotions = promote_best(cfg, [_candidate(cfg, "vgg16", test=0.4, val=0.4)], {})
+    assert not promotions[0]["promoted"]
+    assert any("gate_refused" in r.getMessage() and "floor" in r.getMessage()
+               for r in caplog.records)

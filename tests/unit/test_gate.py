@@ -1,0 +1,70 @@
+"""The gate's verdict (pure: no registry) and the paired test it can require."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training.evaluation.metrics import paired_bootstrap_delta
+from training.promotion.gate import gate
+from training.records import Candidate
+
+
+def _cand(score: float, champ: float, paired: tuple[float, float, float] | None) -> Candidate:
+    metrics = {"balanced_accuracy": score}
+    if paired:
+        d, lo, hi = paired
+        metrics |= {"paired_balanced_accuracy_delta": d,
+                    "paired_balanced_accuracy_delta_ci_low": lo,
+                    "paired_balanced_accuracy_delta_ci_high": hi,
+                    "paired_balanced_accuracy_n_units": 12.0}
+    return Candidate(family="classifier", architecture="a", run_id="r", model_uri="m",
+                     metrics=metrics, split_kind="subject", test_set_sha256="t",
+                     dataset_version=1, champion_version="4",
+                     champion_metrics={"balanced_accuracy": champ})
+
+
+def test_paired_ci_is_reported_but_does_not_decide_by_default(cfg) -> None:
+    passed, reasons = gate(cfg, _cand(0.82, 0.80, (0.02, -0.03, 0.07)))
+    assert passed
+    assert "paired balanced_accuracy difference vs champion v4" in reasons[-1]
+    assert "informational" in reasons[-1]
+
+
+@pytest.mark.parametrize(("paired", "expected"), [
+    ((0.02, -0.03, 0.07), False),  # better on the point estimate, but the CI holds 0: noise
+    ((0.06, 0.01, 0.11), True),
+    (None, False),  # required but not measured: refused, with the reason
+])
+def test_required_paired_improvement_decides(cfg, paired, expected) -> None:
+    cfg.gate.require_paired_improvement = True
+    passed, reasons = gate(cfg, _cand(0.82, 0.80, paired))
+    assert passed is expected, reasons
+
+
+def test_paired_bootstrap_of_a_clearly_better_model_excludes_zero() -> None:
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 400)
+    good = np.where(rng.random(400) < 0.9, y, 1 - y)
+    poor = np.where(rng.random(400) < 0.7, y, 1 - y)
+    out = paired_bootstrap_delta("balanced_accuracy", y, good, poor, n=300)
+    assert out["delta"] > 0.1 and out["delta_ci_low"] > 0
+    same = paired_bootstrap_delta("accuracy", y, good, good, n=100)
+    assert same["delta"] == same["delta_ci_low"] == same["delta_ci_high"] == 0.0
+
+
+def test_resampling_subjects_widens_the_interval_when_subjects_differ() -> None:
+    """Cells of one subject share their errors; resampling cells hides it, subjects do not."""
+    rng = np.random.default_rng(2)
+    subjects = np.repeat(np.arange(8), 50)
+    y = rng.integers(0, 2, 400)
+    wins = rng.random(8) < 0.5  # the candidate is right on whole subjects, wrong on others
+    a = np.where(wins[subjects], y, 1 - y)
+    b = np.where(~wins[subjects], y, 1 - y)
+    cells = paired_bootstrap_delta("accuracy", y, a, b, n=300)
+    grouped = paired_bootstrap_delta("accuracy", y, a, b, groups=subjects, n=300)
+    assert grouped["n_units"] == 8 and cells["n_units"] == 400
+    def width(o: dict) -> float:
+        return o["delta_ci_high"] - o["delta_ci_low"]
+
+    assert width(grouped) > 2 * width(cells)
