@@ -270,7 +270,6 @@ def _stop(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
                     len(alive), grace, [p.pid for p in alive])
 
 
-@contextlib.contextmanager
 def _die_with_parent() -> None:
     """In the child, before exec: get SIGTERM when the parent dies (Linux ``PR_SET_PDEATHSIG``),
     so a publish step killed with SIGKILL leaves no smoke-test server behind."""
@@ -280,6 +279,7 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
+@contextlib.contextmanager
 def serve(
     cfg: Config,
     port: int | None = None,
