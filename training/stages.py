@@ -190,7 +190,7 @@ def _rank_key(family: Any, cfg: Config, candidate: Candidate) -> tuple[float, st
     alone: the test rows are what the gate then judges the chosen one on."""
     metric = family.gate_metric(cfg)
     worst = family.best_value()
-    value = candidate.metrics.get(f"val_{metric}", candidate.metrics.get(metric, worst))
+    value = candidate.metrics.get(f"val/{metric}", candidate.metrics.get(metric, worst))
     return (value if family.higher_is_better else -value), candidate.architecture
 
 
@@ -202,7 +202,7 @@ def promote_best(cfg: Config, candidates: list[dict[str, Any] | None], tags: dic
     ``candidates`` may hold None for a training that failed (the DAG's promote runs once every
     training is done): the others are still judged, and ``expected`` (family -> architectures
     that were to be trained) names the missing ones in the log, the parent run and a
-    notification. The best is chosen on validation metrics (``val_<gate metric>``) when every
+    notification. The best is chosen on validation metrics (``val/<gate metric>``) when every
     candidate of the family has them, else on the gated metric, and the choice is logged.
     """
     from training.notify import notify
@@ -224,7 +224,7 @@ def promote_best(cfg: Config, candidates: list[dict[str, Any] | None], tags: dic
     for name, cands in sorted(by_family.items()):
         family = get_family(name)
         metric = family.gate_metric(cfg)
-        on_val = all(f"val_{metric}" in c.metrics for c in cands)
+        on_val = all(f"val/{metric}" in c.metrics for c in cands)
         best = max(cands, key=lambda c: _rank_key(family, cfg, c))
         if len(cands) > 1:
             log.info("%s: chose %s of %s on %s %s", name, best.architecture,

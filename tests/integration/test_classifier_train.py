@@ -278,7 +278,7 @@ def test_champion_is_evaluated_on_the_same_test_set(trained: dict) -> None:
     champ = second["champion_metrics"]
     quality = {k for k in first["metrics"]
                if k not in ("train_time_s", "latency_ms_per_image", "total_params",
-                            "trainable_params") and not k.startswith("val_")}
+                            "trainable_params") and not k.startswith("val/")}
     assert set(champ) == quality
     # the paired test of the second candidate against the champion, on the same rows
     assert {"paired_balanced_accuracy_delta", "paired_balanced_accuracy_delta_ci_low",

@@ -27,7 +27,7 @@ def _candidate(cfg, arch: str, test: float, val: float | None) -> dict:
         info = mlflow.pyfunc.log_model(name="model", python_model=_Const(), pip_requirements=[])
     metrics = {"balanced_accuracy": test}
     if val is not None:
-        metrics["val_balanced_accuracy"] = val
+        metrics["val/balanced_accuracy"] = val
     return Candidate(family="classifier", architecture=arch, run_id=run.info.run_id,
                      model_uri=info.model_uri, metrics=metrics, split_kind="subject",
                      test_set_sha256="abc", dataset_version=1).to_dict()

@@ -131,12 +131,12 @@ def _metrics(y_true: np.ndarray, y_prob: np.ndarray, classes: list[str],
 def _val_metrics(model: Any, part: pd.DataFrame, y: np.ndarray, classes: list[str],
                  positive: str | None, params: PreprocessParams, batch_size: int,
                  who: str) -> dict[str, float]:
-    """``val_*`` metrics: what architectures are chosen on (the test rows are for the gate)."""
+    """``val/*`` metrics: what architectures are chosen on (the test rows are for the gate)."""
     if len(part) == 0:
         return {}
     y_prob = _probabilities(model, list(part["path"]), params, batch_size)
     val = _metrics(y, y_prob, classes, positive, f"{who} (val)", n_bootstrap=0)
-    return {f"val_{k}": v for k, v in val.items() if "__" not in k and "_ci_" not in k}
+    return {f"val/{k}": v for k, v in val.items() if "__" not in k and "_ci_" not in k}
 
 
 def _predictions_table(test: pd.DataFrame, y_prob: np.ndarray, classes: list[str]) -> pd.DataFrame:
