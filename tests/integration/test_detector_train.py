@@ -98,6 +98,7 @@ def test_candidate_json_has_measured_metrics(trained: dict) -> None:
         assert math.isfinite(m[key]) and 0.0 <= m[key] <= 1.0, (key, m[key])
     assert m["train_time_s"] > 0 and m["latency_ms_per_image"] > 0
     assert m["total_params"] > 1e6  # yolov8n: about 3 M parameters
+    assert m["map50_ci_low"] <= m["map50_image_level"] <= m["map50_ci_high"]  # image bootstrap
     assert 0 < m["trainable_params"] <= m["total_params"]
 
 

@@ -199,6 +199,8 @@ def _evaluate(
         metrics.update({f"precision__{name}": float(p), f"recall__{name}": float(r),
                         f"map50__{name}": float(ap50), f"map50_95__{name}": float(ap)})
 
+    metrics.update(_map50_interval(model, root, imgsz=imgsz, device=device))
+
     images = sorted((root / "images" / "test").iterdir())[:LATENCY_IMAGES]
     pil = [Image.open(p).convert("RGB") for p in images]
     model.predict(pil[0], imgsz=imgsz, device=device, verbose=False)  # warm-up
@@ -211,6 +213,39 @@ def _evaluate(
     if bad:
         raise TrainingError(f"evaluation of {weights} gave non-finite metrics: {bad}")
     return metrics
+
+
+def _map50_interval(model: Any, root: Path, *, imgsz: int, device: int | str,
+                    n_bootstrap: int = 1000) -> dict[str, float]:
+    """mAP50 recomputed per test image and its bootstrap 95 % CI over images (see
+    :mod:`training.evaluation.detection`), with Ultralytics' validation thresholds."""
+    import numpy as np
+    from PIL import Image
+
+    from training.evaluation.detection import bootstrap_map50, match_image
+
+    matches = []
+    for path in sorted((root / "images" / "test").iterdir()):
+        with Image.open(path) as im:
+            width, height = im.size
+            result = model.predict(im.convert("RGB"), imgsz=imgsz, device=device, conf=0.001,
+                                   iou=0.7, verbose=False)[0]
+        rows = [ln.split() for ln in (root / "labels" / "test" / f"{path.stem}.txt")
+                .read_text().splitlines() if ln.strip()]
+        labels = np.array([[float(v) for v in r[1:]] for r in rows]).reshape(-1, 4)
+        truth = np.column_stack([(labels[:, 0] - labels[:, 2] / 2) * width,
+                                 (labels[:, 1] - labels[:, 3] / 2) * height,
+                                 (labels[:, 0] + labels[:, 2] / 2) * width,
+                                 (labels[:, 1] + labels[:, 3] / 2) * height])
+        boxes = result.boxes
+        matches.append(match_image(boxes.xyxy.cpu().numpy(), boxes.cls.cpu().numpy(),
+                                   boxes.conf.cpu().numpy(), truth,
+                                   np.array([int(r[0]) for r in rows], dtype=int)))
+    point, low, high = bootstrap_map50(matches, n=n_bootstrap)
+    if not all(math.isfinite(v) for v in (point, low, high)):
+        return {}
+    return {"map50_image_level": point, "map50_ci_low": low, "map50_ci_high": high,
+            "n_test_images": float(len(matches))}
 
 
 def _champion(cfg: Config, dest: Path) -> tuple[str, Path, dict[str, Any]] | None:
