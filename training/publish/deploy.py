@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -193,13 +194,24 @@ async def _follow(cfg: Config, state: _State, initial: str | None) -> None:
 async def _main(cfg: Config, host: str, port: int, initial: str | None) -> None:
     import uvicorn
 
+    class _Server(uvicorn.Server):
+        """uvicorn re-raises the signal that stopped it once it has shut down, which would kill
+        this process before its backends are stopped: the supervisor handles signals itself."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Any:
+            yield
+
     state = _State()
     app = _proxy_app(state)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                           timeout_graceful_shutdown=10))
+    server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                    timeout_graceful_shutdown=10))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
     follower = asyncio.create_task(_follow(cfg, state, initial))
     try:
-        await server.serve()  # returns on SIGTERM / SIGINT (uvicorn installs the handlers)
+        await server.serve()  # returns once a signal set should_exit
     finally:
         state.stopping = True
         follower.cancel()
