@@ -9,11 +9,14 @@ candidate against the champion.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -149,7 +152,10 @@ def _requests(cfg: Config) -> None:
     cell, truth, field = _sample_images(cfg)
     revoke_key(cfg.api_keys_file, "demo")
     key = create_key(cfg.api_keys_file, "demo", ["classify", "detect", "explain"])
-    with (serve(cfg, target="leukoflow:latest") as url,
+    from training.publish.deploy import read_deployment
+
+    deployed = read_deployment(cfg)
+    with (serve(cfg, target=deployed["bento_tag"] if deployed else "leukoflow:latest") as url,
           httpx.Client(base_url=url, timeout=120) as http):
         click.echo(f"    service up at {url}")
         auth = {"Authorization": f"Bearer {key}"}
@@ -193,6 +199,90 @@ def _where(cfg: Config) -> None:
     Everything     make up (Airflow :8080, MLflow :5000, service :{cfg.serving.port}); make down""")
 
 
+@contextmanager
+def _service_during_retrain(cfg: Config) -> Iterator[None]:
+    """On a second run: the service of the last run answers requests all through this run's
+    retrain, and afterwards the demo shows which version answered before and after the swap.
+
+    ``leukoflow serve`` (the deploy supervisor) starts on a free port before the DAGs run; a
+    client calls ``/classify`` twice a second; when this run publishes a new champion the
+    supervisor swaps to it. A problem here is reported, never fails the demo.
+    """
+    import httpx
+
+    from training.apikeys import create_key, revoke_key
+    from training.dev.localenv import service_env
+    from training.publish.bento import _free_port
+    from training.publish.deploy import read_deployment
+
+    previous = read_deployment(cfg)
+    if previous is None:  # the first run: nothing is deployed yet
+        yield
+        return
+    cell = _sample_images(cfg)[0]
+    port = _free_port("127.0.0.1")
+    log_path = cfg.home / "logs" / "demo-serve.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_fh = open(log_path, "wb")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen([sys.executable, "-m", "training.cli", "serve", "--port", str(port)],
+                            env={**os.environ, **service_env(cfg)}, stdout=log_fh,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    revoke_key(cfg.api_keys_file, "demo-watch")
+    key = create_key(cfg.api_keys_file, "demo-watch", ["classify"])
+    seen: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def call(http: httpx.Client) -> tuple[int, str]:
+        try:
+            r = http.post("/classify", files={"image": ("cell.png", cell, "image/png")})
+            return r.status_code, str(r.json().get("model", {}).get("version", "?"))
+        except (httpx.HTTPError, ValueError) as exc:
+            return 0, type(exc).__name__
+
+    def watch() -> None:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
+                          headers={"Authorization": f"Bearer {key}"}) as http:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and call(http)[0] != 200 and not stop.is_set():
+                time.sleep(1)
+            while not stop.is_set():
+                seen.append(call(http))
+                time.sleep(0.5)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    click.echo(f"    the service of the last run is up on 127.0.0.1:{port} and keeps answering "
+               "while this run retrains")
+    try:
+        yield
+    finally:
+        after = read_deployment(cfg)
+        if after and after != previous:
+            new = str(after["models"].get(cfg.mlflow.classifier_name, ""))
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and not (seen and seen[-1][1] == new):
+                time.sleep(1)
+        stop.set()
+        thread.join(timeout=150)
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=120)
+        log_fh.close()
+        revoke_key(cfg.api_keys_file, "demo-watch")
+        runs: list[list] = []
+        for _, version in seen:
+            if runs and runs[-1][0] == version:
+                runs[-1][1] += 1
+            else:
+                runs.append([version, 1])
+        failed = sum(1 for status, _ in seen if status != 200)
+        story = " then ".join(f"v{v} x{n}" for v, n in runs) or "no answer"
+        click.echo(f"    while retraining, the running service answered {len(seen)} requests "
+                   f"({failed} failed): {story}"
+                   + ("" if after != previous else "; nothing new was published, so it kept "
+                      "serving what it served"))
+
+
 def run_demo(cfg: Config) -> None:
     """Run the demo end to end and print what happened and where it is."""
     from training.dev.synthetic_landing import land_synthetic_batches
@@ -203,7 +293,8 @@ def run_demo(cfg: Config) -> None:
     with _step("land synthetic batches", timings):
         for batch_id in land_synthetic_batches(cfg):
             click.echo(f"    landed {batch_id}")
-    tasks = run_chain(cfg, timings)
+    with _service_during_retrain(cfg):
+        tasks = run_chain(cfg, timings)
     with _step("serve the champions on 127.0.0.1 and call them", timings):
         _requests(cfg)
     click.secho("\n==> task durations (from the Airflow metadata DB)", bold=True)
