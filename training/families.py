@@ -37,6 +37,8 @@ class Family:
     pyfunc: str  # "module:Class" of the logged MLflow pyfunc
     takes_architecture: bool  # whether the train entry takes ``--architecture``
     compare_architectures: bool  # log the papers' comparison table across candidates
+    intended_use: str = ""  # the model card's "intended use" (Mitchell et al.)
+    out_of_scope: str = ""  # the model card's "out-of-scope use"
 
     def registered_name(self, cfg: Config) -> str:
         return str(getattr(cfg.mlflow, self.registered_name_key))
@@ -80,6 +82,16 @@ FAMILIES: dict[str, Family] = {
         predict_module="training.classifier.predict",
         pyfunc="training.classifier.pyfunc:KerasClassifierModel",
         takes_architecture=True, compare_architectures=True,
+        intended_use=(
+            "Research and decision support: sort single segmented white-blood-cell images "
+            "(C-NMC style crops) into the configured classes, as a second reader for a "
+            "trained haematology professional who sees the probabilities and the Grad-CAM "
+            "heatmap."),
+        out_of_scope=(
+            "Diagnosing a patient, or any use without a professional's review; whole smear "
+            "fields or images that are not a single segmented cell; stains, scanners, "
+            "magnifications or populations absent from the training batches; children vs "
+            "adults or subtypes that the classes do not name."),
     ),
     "detector": Family(
         name="detector", kind="field",
@@ -90,6 +102,14 @@ FAMILIES: dict[str, Family] = {
         predict_module="training.detector.predict",
         pyfunc="training.detector.pyfunc:DetectorModel",
         takes_architecture=False, compare_architectures=False,
+        intended_use=(
+            "Research and decision support: find and count white blood cells in a stained "
+            "blood-smear field so that a professional can review them, or crop cells for the "
+            "classifier."),
+        out_of_scope=(
+            "Counting for a clinical report without review; fields at magnifications, stains "
+            "or resolutions absent from the training batches; telling cell types apart beyond "
+            "the configured detector classes."),
     ),
 }
 

@@ -167,8 +167,19 @@ def promote_best(cfg: Config, candidates: list[dict[str, Any]], tags: dict[str, 
         p = promote(cfg, best, tags)
         log.info("%s v%s (%s): %s - %s", p.model_name, p.version, best.architecture,
                  "PROMOTED to champion" if p.promoted else "not promoted", "; ".join(p.reasons))
+        _model_card(cfg, p.model_name, p.version)
         promotions.append(p.to_dict())
     return promotions
+
+
+def _model_card(cfg: Config, name: str, version: str) -> None:
+    """Log the version's model card; a card that cannot be made is logged, never fatal."""
+    from training.promotion.modelcard import log_card
+
+    try:
+        log_card(cfg, name, version)
+    except Exception:  # noqa: BLE001 - the version is registered and gated either way
+        log.exception("model card of %s v%s could not be made", name, version)
 
 
 def publish(cfg: Config, promotions: list[dict[str, Any]]) -> dict[str, Any]:
