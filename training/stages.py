@@ -58,10 +58,13 @@ def discover(cfg: Config) -> list[str]:
 def validate(cfg: Config, batch_id: str) -> dict[str, Any]:
     """Validate one batch, quarantine what fails, curate what passes (idempotent)."""
     from training.data.curation import validate_batch
+    from training.reports import publish_report
 
     result = validate_batch(cfg, batch_id)
     log.info("batch %s: %s, %d accepted, %d quarantined %s; report %s", batch_id, result.status,
              result.accepted, result.quarantined, result.reasons, result.report_dir)
+    if result.status != "skipped":
+        publish_report(cfg, batch_id, result.report_dir, result.data_docs)
     return result.to_dict()
 
 
