@@ -50,9 +50,10 @@ def _reasons(raw: str | None) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
-def _version_row(mv: Any, metric: str) -> dict[str, Any]:
+def _version_row(mv: Any, metric: str, aliases: dict[str, str]) -> dict[str, Any]:
     tags = dict(mv.tags or {})
-    return {"version": str(mv.version), "aliases": sorted(getattr(mv, "aliases", []) or []),
+    return {"version": str(mv.version),
+            "aliases": sorted(a for a, v in aliases.items() if str(v) == str(mv.version)),
             "created": int(mv.creation_timestamp or 0) // 1000,
             "architecture": tags.get("architecture", ""),
             "dataset_version": tags.get("dataset_version", ""),
@@ -94,7 +95,9 @@ def model_history(cfg: Config, name: str) -> dict[str, Any]:
     if not versions:
         raise LookupError(f"no version of {name!r} is registered yet")
     metric = family.gate_metric(cfg)
-    rows = sorted((_version_row(mv, metric) for mv in versions),
+    # search_model_versions leaves aliases out; the registered model lists them all
+    aliases = {str(k): str(v) for k, v in (client.get_registered_model(name).aliases or {}).items()}
+    rows = sorted((_version_row(mv, metric, aliases) for mv in versions),
                   key=lambda r: int(r["version"]), reverse=True)
     champion = next((r for r in rows if "champion" in r["aliases"]), None)
     return {"name": name, "family": family.name, "versions": rows, "champion": champion,

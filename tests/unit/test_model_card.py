@@ -13,18 +13,14 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
-from training.data.dataset import MANIFEST_COLUMNS, write_manifest
-from training.evaluation.metrics import classification_metrics
+from tests.registry import CLASSES, register_scored_version
 from training.promotion.modelcard import (
     expected_calibration_error,
     log_card,
     reliability_bins,
 )
-
-CLASSES = ["all", "hem"]
 
 
 def test_ece_of_a_perfectly_calibrated_and_an_overconfident_model() -> None:
@@ -35,55 +31,10 @@ def test_ece_of_a_perfectly_calibrated_and_an_overconfident_model() -> None:
     assert [b["count"] for b in bins] == [1, 2]
 
 
-def _manifest(n_test: int, rng: np.random.Generator) -> pd.DataFrame:
-    rows = []
-    for i in range(3 * n_test):
-        split = "test" if i < n_test else "train"
-        label = CLASSES[i % 2]
-        donors = 4 if label == "all" else 3  # distinct test donors per class
-        subject = f"{label}-s{i // 2 % donors}" if split == "test" else f"{label}-t{i % 11}"
-        rows.append({"sha256": f"{i:064x}", "key": f"images/{i}.png", "kind": "cell",
-                     "label": label, "subject_id": subject, "batch_id": "b1",
-                     "source": f"b1/{i}.png",
-                     "width": 64, "height": 64, "split": split, "split_group": "",
-                     "label_key": ""})
-    return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-
-
 @pytest.fixture
-def registered(cfg, tmp_path: Path):
+def registered(cfg):
     """A logged, registered and gated classifier version; returns (name, version, run_id)."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    from training.tracking import configure_mlflow
-
-    rng = np.random.default_rng(3)
-    manifest = _manifest(40, rng)
-    ds = write_manifest(cfg, manifest)
-    test = manifest[manifest["split"] == "test"].reset_index(drop=True)
-    y = test["label"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
-    p_all = np.clip(np.where(y == 0, 0.75, 0.3) + rng.normal(0, 0.2, len(y)), 0.01, 0.99)
-    prob = np.stack([p_all, 1 - p_all], axis=1)
-    metrics = classification_metrics(y, prob, CLASSES, "all")
-    exp = configure_mlflow(cfg)
-    with mlflow.start_run(experiment_id=exp, tags={
-            "family": "classifier", "architecture": "vgg16", "dataset_version": str(ds.version),
-            "split_kind": "subject", "git_sha": "abc123", "git_sha_source": "env",
-            "batch_ids": "b1", "test_set_sha256": "f" * 64}) as run:
-        mlflow.log_params({"classes": ",".join(CLASSES), "dataset_version": ds.version})
-        mlflow.log_metrics({**metrics, "champion/accuracy": 0.5})
-        table = test[["sha256", "label", "subject_id"]].copy()
-        table["p_all"], table["p_hem"] = prob[:, 0], prob[:, 1]
-        mlflow.log_text(table.to_csv(index=False), "predictions/test.csv")
-    client = MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.tracking_uri)
-    name = cfg.mlflow.classifier_name
-    client.create_registered_model(name)
-    mv = client.create_model_version(name, f"runs:/{run.info.run_id}/model", run.info.run_id)
-    client.set_model_version_tag(name, mv.version, "gate_passed", "true")
-    client.set_model_version_tag(name, mv.version, "gate_reasons",
-                                 json.dumps(["balanced_accuracy=0.8 >= floor 0.0"]))
-    return name, str(mv.version), run.info.run_id
+    return register_scored_version(cfg)
 
 
 def test_card_figures_equal_the_logged_metrics(cfg, registered, tmp_path: Path) -> None:
@@ -137,7 +88,8 @@ def test_card_figures_equal_the_logged_metrics(cfg, registered, tmp_path: Path) 
     assert 0 <= card["calibration"]["ece"] <= 1
     assert sum(b["count"] for b in card["calibration"]["reliability"]) == logged["n_test"]
     assert card["gate"]["passed"] == "true"
-    assert card["gate"]["reasons"] == ["balanced_accuracy=0.8 >= floor 0.0"]
+    assert card["gate"]["reasons"] == [
+        f"balanced_accuracy={logged['balanced_accuracy']:.4f} >= floor 0.0000"]
     assert card["lineage"]["git_sha"] == "abc123"
     assert any("3 distinct donor(s) of class 'hem'" in x for x in card["limitations"])
     assert card["intended_use"] and card["out_of_scope"]

@@ -260,7 +260,8 @@ def build_card(cfg: Config, name: str, version: str) -> dict[str, Any]:
     except ValueError:
         reasons = [vtags["gate_reasons"]]
     dataset_version = _as_float(tags.get("dataset_version") or params.get("dataset_version"))
-    aliases = list(getattr(mv, "aliases", []) or [])
+    aliases = sorted(a for a, v in (client.get_registered_model(name).aliases or {}).items()
+                     if str(v) == str(mv.version))
     lineage_keys = ("git_sha", "git_sha_source", "airflow_run_id", "dataset_version",
                     "manifest_sha256", "batch_ids", "split_kind", "test_set_sha256",
                     "architecture", "paper", "champion_version")
