@@ -25,12 +25,13 @@ Security, in order of a request:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
 import time
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from http import HTTPStatus
 from importlib.resources import files
 from pathlib import Path
@@ -524,24 +525,33 @@ def build_app(cfg: Config, models: ModelsProvider = _current_service) -> Starlet
     return app
 
 
-class WebApp:
-    """The web app, built on its first request: the config (``LEUKOFLOW_*``) is read in the
-    serving process, not when :mod:`serving.service` is imported by ``bentoml build``."""
+class WebApp(Starlette):
+    """The web app as mounted by :mod:`serving.service`: built when the server starts.
+
+    BentoML runs the lifespan of a mounted Starlette app when the service starts, in the
+    serving process; the config (``LEUKOFLOW_*``) is read there, not when ``serving.service``
+    is imported (by ``bentoml build``, say). Without a lifespan (a bare ASGI server), the app is
+    built on the first request.
+    """
 
     def __init__(self, cfg: Config | None = None, models: ModelsProvider | None = None) -> None:
         self._cfg, self._models = cfg, models
         self._app: Starlette | None = None
+        # one catch-all route, so BentoML's PassiveMount (which asks the routes) matches
+        super().__init__(routes=[Mount("", app=self._dispatch)], lifespan=self._lifespan)
 
-    @property
-    def app(self) -> Starlette:
-        if self._app is None:
-            self._app = build_app(self._cfg or load_config(), self._models or _current_service)
+    def build(self) -> Starlette:
+        self._app = build_app(self._cfg or load_config(), self._models or _current_service)
         return self._app
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":  # nothing to start: the app is built on first use
-            return
-        await self.app(scope, receive, send)
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        self.build()  # again at every start: a new server process, or a new test app
+        yield
+
+    async def _dispatch(self, scope: dict, receive: Any, send: Any) -> None:
+        app = self._app or self.build()
+        await app(scope, receive, send)
 
 
 def create_app(cfg: Config | None = None, models: ModelsProvider | None = None) -> WebApp:
