@@ -93,3 +93,32 @@ def test_card_figures_equal_the_logged_metrics(cfg, registered, tmp_path: Path) 
     assert card["lineage"]["git_sha"] == "abc123"
     assert any("3 distinct donor(s) of class 'hem'" in x for x in card["limitations"])
     assert card["intended_use"] and card["out_of_scope"]
+
+
+def test_a_detector_card_says_what_it_cannot_measure(cfg, tmp_path: Path) -> None:
+    """No per-image probabilities (the detector): logged figures still, and the card says why
+    there is no calibration, instead of failing the promotion."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from training.tracking import configure_mlflow
+
+    exp = configure_mlflow(cfg)
+    metrics = {"map50": 0.61, "map50_95": 0.33, "precision": 0.7, "recall": 0.55,
+               "map50__WBC": 0.61}
+    with mlflow.start_run(experiment_id=exp, tags={"family": "detector",
+                                                   "architecture": "yolov8n",
+                                                   "split_kind": "image"}) as run:
+        mlflow.log_params({"classes": "WBC"})
+        mlflow.log_metrics(metrics)
+    client = MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.tracking_uri)
+    name = cfg.mlflow.detector_name
+    client.create_registered_model(name)
+    mv = client.create_model_version(name, f"runs:/{run.info.run_id}/model", run.info.run_id)
+    card = log_card(cfg, name, str(mv.version))
+    overall = {r["metric"]: r["value"] for r in card["metrics"]["overall"]}
+    assert overall == {k: v for k, v in metrics.items() if "__" not in k}
+    assert card["metrics"]["per_class"][0]["map50"]["value"] == 0.61
+    assert "no per-image test probabilities" in card["calibration"]["error"]
+    assert "dataset_version" in card["training_data"]["error"]  # this run names none
+    assert any("image level" in x for x in card["limitations"])

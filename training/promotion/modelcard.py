@@ -201,7 +201,7 @@ def _limitations(card: dict[str, Any]) -> list[str]:
             out.append(f"The test split holds {row['subjects']} distinct donor(s) of class "
                        f"'{row['label']}' ({row['images']} images): per-class figures for it "
                        "rest on few people.")
-        if row["split"] == "test" and row["without_subject"]:
+        if row["split"] == "test" and row["without_subject"] and row["label"] != "(fields)":
             out.append(f"{row['without_subject']} test image(s) of '{row['label']}' name no "
                        "donor: subject-level separation cannot be checked for them.")
     if card["split_kind"] != "subject":
@@ -216,8 +216,12 @@ def _limitations(card: dict[str, Any]) -> list[str]:
                 out.append(f"The 95% CI of the gated metric {gated} is {width:.3f} wide "
                            f"([{row['ci_low']:.3f}, {row['ci_high']:.3f}]): the test set is too "
                            "small to tell close versions apart.")
-        if row["metric"] == "n_test":
-            out.append(f"All test figures come from {int(row['value'])} test images.")
+    n_test = next((r["value"] for r in card["metrics"]["overall"] if r["metric"] == "n_test"),
+                  None)
+    if n_test is None:  # the detector logs no n_test: count the test rows of the manifest
+        n_test = sum(r["images"] for r in data.get("per_split_class", []) if r["split"] == "test")
+    if n_test:
+        out.append(f"All test figures come from {int(n_test)} test image(s).")
     ece = card["calibration"].get("ece")
     if ece is not None and ece > POOR_ECE:
         out.append(f"Expected calibration error is {ece:.3f} (> {POOR_ECE}): read the "
@@ -245,15 +249,18 @@ def build_card(cfg: Config, name: str, version: str) -> dict[str, Any]:
     metrics = {k: float(v) for k, v in run.data.metrics.items()}
     params, tags, vtags = dict(run.data.params), dict(run.data.tags), dict(mv.tags or {})
     classes = [c for c in params.get("classes", "").split(",") if c]
-    pred: dict[str, Any] = {}
-    try:
+    pred: dict[str, Any]
+    logged = {a.path for a in client.list_artifacts(mv.run_id, "predictions")}
+    if "predictions/test.csv" not in logged:  # the detector logs no per-image probabilities
+        pred = {"error": "the run logged no per-image test probabilities "
+                "(predictions/test.csv), so there are no per-class CIs and no calibration"}
+    elif not classes:
+        pred = {"error": "the run logs no 'classes' param"}
+    else:
         with tempfile.TemporaryDirectory(prefix="leukoflow-card-") as tmp:
             local = client.download_artifacts(mv.run_id, "predictions/test.csv", tmp)
             frame = pd.read_csv(local, dtype={"label": str}, keep_default_na=False)
-        pred = _predictions_section(frame, classes) if classes else {
-            "error": "the run logs no 'classes' param"}
-    except Exception as exc:  # noqa: BLE001 - the detector logs no per-image probabilities
-        pred = {"error": f"no per-image test predictions (predictions/test.csv): {exc}"}
+        pred = _predictions_section(frame, classes)
     overall, per_class = _metric_rows(metrics, classes, pred)
     try:
         reasons = json.loads(vtags.get("gate_reasons", "[]"))
