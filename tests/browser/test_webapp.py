@@ -67,6 +67,10 @@ def test_register_log_in_and_classify(page: Any, site: Site) -> None:
         assert page.eval_on_selector(img, "e => e.complete && e.naturalWidth > 0")
     shot(page, "classify")
     assert page.blocked == []  # type: ignore[attr-defined]
+    page.click("button:has-text('Log out')")
+    page.wait_for_url(re.compile(r"/app/login$"))
+    page.goto(f"{site.url}/classify")
+    assert "/app/login?next=" in page.url  # the session is gone
 
 
 def test_detect_draws_boxes_and_counts(page: Any, site: Site, account: str) -> None:
@@ -222,3 +226,11 @@ def test_admin_creates_an_api_key(page: Any, site: Site) -> None:
     assert "lab-lis" in page.inner_text("#keys")
     page.evaluate("document.querySelector('#new-key').textContent = 'lf_…(shown once)'")
     shot(page, "admin")
+    page.click("text=Create an account")  # registration by an admin, with a role
+    page.fill("input[name=username]", "steward.sam")
+    page.fill("input[name=password]", PASSWORD)
+    page.fill("input[name=password2]", PASSWORD)
+    page.select_option("select[name=role]", "user")
+    page.click("#register-form button[type=submit]")
+    page.wait_for_url(re.compile(r"/app/admin\?created=steward.sam$"))
+    assert "steward.sam" in page.inner_text("#users")
