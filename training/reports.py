@@ -77,6 +77,8 @@ def publish_report(cfg: Config, batch_id: str, report_dir: str | Path | None,
         wanted += [p for p in (root / "static").rglob("*") if p.is_file()]
         for src in wanted:
             key = f"{DOCS_PREFIX}/{src.relative_to(root).as_posix()}"
+            if key.startswith(f"{DOCS_PREFIX}/static/") and store.exists(key):
+                continue  # GX's own styles and images: the same for every batch
             if src.is_file() and not _same_file(store, key, src):
                 store.copy_in(src, key)
                 published["files"] += 1
