@@ -17,11 +17,12 @@ import re
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Literal
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from sqlalchemy import DateTime, Integer, String, create_engine, func, select
+from sqlalchemy import DateTime, Integer, String, create_engine, func, make_url, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -73,7 +74,12 @@ class Accounts:
 
     def __init__(self, url: str, *, max_failed: int = 5, lockout_s: int = 300,
                  min_password_length: int = 10) -> None:
-        kwargs = {"connect_args": {"check_same_thread": False}} if url.startswith("sqlite") else {}
+        kwargs: dict = {}
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite":
+            kwargs["connect_args"] = {"check_same_thread": False}
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         self.engine: Engine = create_engine(url, pool_pre_ping=True, **kwargs)
         _Base.metadata.create_all(self.engine)
         self.max_failed, self.lockout = max_failed, timedelta(seconds=lockout_s)

@@ -104,3 +104,15 @@ def test_boxes_are_drawn_and_counted() -> None:
     svg = render.probability_svg({"all": 0.25, "hem": 0.75}, "hem")
     assert svg.index('data-label="hem"') < svg.index('data-label="all"')
     assert "75.0%" in svg and "<script" not in svg
+
+
+def test_the_first_admin_is_made_on_the_command_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    from serving.webapp.__main__ import main
+
+    monkeypatch.setenv("LEUKOFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("a long admin password\n"))
+    assert main(["create-user", "root.admin", "--admin", "--password-stdin"]) == 0
+    assert main(["list"]) == 0
+    assert "root.admin\tadmin" in capsys.readouterr().out
+    users = Accounts(f"sqlite:///{tmp_path / 'home' / 'webapp.db'}")
+    assert users.login("root.admin", "a long admin password").status == "ok"
