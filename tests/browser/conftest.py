@@ -31,12 +31,6 @@ SHOTS = REPO / "docs" / "img"
 PASSWORD = "correct horse battery"
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if "tests/browser/" in str(item.fspath).replace("\\", "/"):
-            item.add_marker(pytest.mark.browser)
-
-
 class FakeClassifier:
     """``ClassifierService``'s methods: a fixed answer, a red-to-yellow 'heatmap' overlay."""
 

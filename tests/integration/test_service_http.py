@@ -331,6 +331,7 @@ def test_a_failed_publish_leaves_no_bento_and_no_key(
     assert not any(r.name.startswith("publish-smoke-") for r in list_keys(server.cfg.api_keys_file))
 
 
+@pytest.mark.browser
 def test_web_app_under_bentoml_serve_classifies_in_a_browser(server: Any,
                                                              tmp_path: Path) -> None:
     """The web app mounted on the served Bento: log in and classify in headless Chromium; the
