@@ -62,7 +62,8 @@ def register_scored_version(cfg: Config, architecture: str = "vgg16",
     with mlflow.start_run(experiment_id=exp, tags={
             "family": "classifier", "architecture": architecture,
             "dataset_version": str(ds.version), "split_kind": "subject", "git_sha": "abc123",
-            "git_sha_source": "env", "batch_ids": "b1", "test_set_sha256": "f" * 64}) as run:
+            "git_sha_source": "env", "batch_ids": ",".join(ds.batch_ids),
+            "test_set_sha256": "f" * 64}) as run:
         mlflow.log_params({"classes": ",".join(CLASSES), "dataset_version": ds.version})
         mlflow.log_metrics({**metrics, "champion/accuracy": 0.5})
         table = test[["sha256", "label", "subject_id"]].copy()

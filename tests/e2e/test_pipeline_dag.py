@@ -119,6 +119,8 @@ def test_every_registered_version_has_a_model_card_of_its_logged_metrics(chain, 
             assert card["metrics"]["overall"], card["metrics"]
             for row in card["metrics"]["overall"]:
                 assert row["value"] == logged[row["metric"]], row
+            for metric, value in card["metrics"]["cost"].items():
+                assert value == logged[metric], metric
             assert card["gate"]["passed"] == mv.tags["gate_passed"]
             assert (out / "model_card.md").read_text().startswith(f"# Model card: {name}")
 

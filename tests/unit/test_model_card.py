@@ -63,6 +63,7 @@ def test_card_figures_equal_the_logged_metrics(cfg, registered, tmp_path: Path) 
             assert per_class[cls][metric]["value"] == logged[f"{metric}__{cls}"]
         low, high = per_class[cls]["recall"]["ci"]
         assert low <= logged[f"recall__{cls}"] <= high
+    assert card["metrics"]["cost"] == {}  # this run logged no size or latency
     assert "champion_on_same_test" in card and card["champion_on_same_test"] == {"accuracy": 0.5}
 
     # the rendered pages print those same numbers (4 decimals)
@@ -105,7 +106,7 @@ def test_a_detector_card_says_what_it_cannot_measure(cfg, tmp_path: Path) -> Non
 
     exp = configure_mlflow(cfg)
     metrics = {"map50": 0.61, "map50_95": 0.33, "precision": 0.7, "recall": 0.55,
-               "map50__WBC": 0.61}
+               "map50__WBC": 0.61, "train_time_s": 12.5}
     with mlflow.start_run(experiment_id=exp, tags={"family": "detector",
                                                    "architecture": "yolov8n",
                                                    "split_kind": "image"}) as run:
@@ -117,7 +118,8 @@ def test_a_detector_card_says_what_it_cannot_measure(cfg, tmp_path: Path) -> Non
     mv = client.create_model_version(name, f"runs:/{run.info.run_id}/model", run.info.run_id)
     card = log_card(cfg, name, str(mv.version))
     overall = {r["metric"]: r["value"] for r in card["metrics"]["overall"]}
-    assert overall == {k: v for k, v in metrics.items() if "__" not in k}
+    assert overall == {k: v for k, v in metrics.items() if "__" not in k and "time" not in k}
+    assert card["metrics"]["cost"] == {"train_time_s": 12.5}
     assert card["metrics"]["per_class"][0]["map50"]["value"] == 0.61
     assert "no per-image test probabilities" in card["calibration"]["error"]
     assert "dataset_version" in card["training_data"]["error"]  # this run names none

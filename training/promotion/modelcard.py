@@ -43,6 +43,7 @@ ECE_BINS = 10
 FEW_SUBJECTS = 10  # fewer distinct test donors of a class than this is a stated limitation
 WIDE_CI = 0.10  # a 95 % CI wider than this on the gated metric is a stated limitation
 POOR_ECE = 0.05
+COST_METRICS = ("total_params", "trainable_params", "train_time_s", "latency_ms_per_image")
 N_BOOT = 1000
 
 
@@ -170,7 +171,7 @@ def _metric_rows(metrics: dict[str, float], classes: list[str],
     test = {k: v for k, v in metrics.items()
             if "/" not in k and not k.endswith(("_ci_low", "_ci_high"))}
     overall = []
-    for name in sorted(k for k in test if "__" not in k):
+    for name in sorted(k for k in test if "__" not in k and k not in COST_METRICS):
         low, high = metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")
         overall.append({"metric": name, "value": test[name], "ci_low": low, "ci_high": high,
                         "ci_source": "logged" if low is not None else None})
@@ -282,6 +283,7 @@ def build_card(cfg: Config, name: str, version: str) -> dict[str, Any]:
                                        int(dataset_version) if dataset_version else None),
         "split_kind": tags.get("split_kind", ""),
         "metrics": {"overall": overall, "per_class": per_class,
+                    "cost": {k: metrics[k] for k in COST_METRICS if k in metrics},
                     "source": f"logged metrics of run {mv.run_id}",
                     "per_class_ci_source": "bootstrap over predictions/test.csv"
                     if "per_class_ci" in pred else pred.get("error")},
@@ -393,6 +395,9 @@ def _sections(card: dict[str, Any]) -> list[tuple[str, str, list[str], list[list
          "as logged.", ["metric", "value", "95% CI"],
          [[r["metric"], _num(r["value"]), _ci([r["ci_low"], r["ci_high"]])]
           for r in card["metrics"]["overall"]]),
+        ("Size and cost", "Logged by the same run." if card["metrics"]["cost"] else
+         "The run logged no size or cost figures.", ["measure", "value"],
+         [[k, _num(v)] for k, v in card["metrics"]["cost"].items()]),
         ("Metrics per class", "Values as logged; 95% CIs: "
          f"{card['metrics']['per_class_ci_source'] or 'none'}.", ["class", *shown],
          per_class_rows),
