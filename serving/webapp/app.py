@@ -30,7 +30,7 @@ import logging
 import os
 import secrets
 import time
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from http import HTTPStatus
 from importlib.resources import files
@@ -99,12 +99,14 @@ class _FailureWindow:
 
     def __init__(self, limit: int, window_s: float) -> None:
         self.limit, self.window = limit, window_s
-        self._hits: dict[str, deque[float]] = defaultdict(deque)
+        self._hits: dict[str, deque[float]] = {}
 
     def _trim(self, key: str) -> deque[float]:
-        hits, edge = self._hits[key], time.monotonic() - self.window
+        hits, edge = self._hits.get(key, deque()), time.monotonic() - self.window
         while hits and hits[0] < edge:
             hits.popleft()
+        if not hits:
+            self._hits.pop(key, None)  # forget addresses whose failures expired
         return hits
 
     def blocked(self, key: str) -> int:
@@ -113,7 +115,9 @@ class _FailureWindow:
         return int(hits[0] + self.window - time.monotonic()) + 1 if len(hits) >= self.limit else 0
 
     def fail(self, key: str) -> None:
-        self._trim(key).append(time.monotonic())
+        hits = self._trim(key)
+        hits.append(time.monotonic())
+        self._hits[key] = hits
 
 
 class _SecurityHeaders:

@@ -116,3 +116,17 @@ def test_the_first_admin_is_made_on_the_command_line(tmp_path: Path, monkeypatch
     assert "root.admin\tadmin" in capsys.readouterr().out
     users = Accounts(f"sqlite:///{tmp_path / 'home' / 'webapp.db'}")
     assert users.login("root.admin", "a long admin password").status == "ok"
+
+
+def test_failures_per_address_block_then_expire(monkeypatch) -> None:
+    from serving.webapp import app as webapp
+
+    now = [1000.0]
+    monkeypatch.setattr(webapp.time, "monotonic", lambda: now[0])
+    window = webapp._FailureWindow(limit=2, window_s=60)
+    window.fail("10.0.0.1")
+    assert window.blocked("10.0.0.1") == 0
+    window.fail("10.0.0.1")
+    assert window.blocked("10.0.0.1") == 61 and window.blocked("10.0.0.2") == 0
+    now[0] += 61
+    assert window.blocked("10.0.0.1") == 0 and window._hits == {}
