@@ -97,7 +97,8 @@ def test_candidate_json_has_measured_metrics(trained: dict) -> None:
     for key in ("precision", "recall", "map50", "map50_95", "map50__WBC", "map50_95__WBC"):
         assert math.isfinite(m[key]) and 0.0 <= m[key] <= 1.0, (key, m[key])
     assert m["train_time_s"] > 0 and m["latency_ms_per_image"] > 0
-    assert m["params"] > 1e6  # yolov8n: about 3 M parameters
+    assert m["total_params"] > 1e6  # yolov8n: about 3 M parameters
+    assert 0 < m["trainable_params"] <= m["total_params"]
 
 
 def test_nothing_tried_the_network(trained: dict) -> None:

@@ -93,7 +93,7 @@ def _register(cfg: Any, keras_path: Path, yolo_path: Path) -> dict[str, str]:
     client = MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.tracking_uri)
     specs = [
         (cfg.mlflow.classifier_name,
-         KerasClassifierModel(CLASSES, PreprocessParams(IMAGE_SIZE).to_dict()),
+         KerasClassifierModel(classes=CLASSES, preprocess=PreprocessParams(IMAGE_SIZE).to_dict()),
          {"keras_model": str(keras_path)},
          {"family": "classifier", "architecture": "tiny_cnn", "classes": CLASSES,
           "preprocess": PreprocessParams(IMAGE_SIZE).to_dict(), "positive_class": "all"}),

@@ -206,9 +206,7 @@ def _evaluate(
     for im in pil:
         model.predict(im, imgsz=imgsz, device=device, verbose=False)
     metrics["latency_ms_per_image"] = 1000.0 * (time.perf_counter() - start) / len(pil)
-    parameters = list(model.model.parameters())
-    metrics["total_params"] = float(sum(p.numel() for p in parameters))
-    metrics["trainable_params"] = float(sum(p.numel() for p in parameters if p.requires_grad))
+    metrics["total_params"] = float(sum(p.numel() for p in model.model.parameters()))
     bad = [k for k, v in metrics.items() if not math.isfinite(v)]
     if bad:
         raise TrainingError(f"evaluation of {weights} gave non-finite metrics: {bad}")
@@ -277,10 +275,14 @@ def train_and_evaluate_detector(
         mlflow.set_tag("val_split", yaml.safe_load(data_yaml.read_text())["val"].split("/")[-1])
 
         model.add_callback("on_fit_epoch_end", _epoch_logger(run.run_id))
+        trained: dict[str, float] = {}  # what the optimizer updates (Ultralytics freezes some)
+        model.add_callback("on_train_start", lambda trainer: trained.update(
+            trainable_params=float(sum(p.numel() for p in trainer.model.parameters()
+                                       if p.requires_grad))))
         best, train_time = _train(model, cfg, data_yaml, run.work, nbs=nbs, device=device)
         metrics = _evaluate(best, data_yaml, imgsz=det.imgsz, batch=det.batch, device=device,
                             classes=classes, out_dir=run.work / "test")
-        metrics["train_time_s"] = train_time
+        metrics.update(train_time_s=train_time, **trained)
         mlflow.log_metrics(metrics)
         mlflow.pyfunc.log_model(
             name="model",
