@@ -67,6 +67,9 @@ OPEN_PATHS = frozenset({
     "/livez", "/readyz", "/healthz", "/metrics", "/", "/docs", "/docs.json", "/schema.json",
 })
 OPEN_PREFIXES = ("/static_content/", "/assets/")
+# The web app (serving.webapp, mounted at /app) authenticates its pages with its own sessions.
+WEBAPP_PREFIX = "/app"
+OPEN_PREFIXES += (WEBAPP_PREFIX + "/",)
 ROUTE_SCOPES = {"/classify": "classify", "/detect": "detect", "/explain": "explain"}
 
 Scope = dict[str, Any]
@@ -111,7 +114,7 @@ class ApiKeyMiddleware:
         self.route_scopes = dict(ROUTE_SCOPES if route_scopes is None else route_scopes)
 
     def _is_open(self, path: str) -> bool:
-        return path in self.open_paths or path.startswith(OPEN_PREFIXES)
+        return path in self.open_paths or path == WEBAPP_PREFIX or path.startswith(OPEN_PREFIXES)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):

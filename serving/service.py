@@ -35,6 +35,7 @@ from starlette.responses import JSONResponse, Response
 
 from serving.auth import ApiKeyMiddleware
 from serving.decode import BadImage, UploadGuard, decode_upload, read_upload
+from serving.webapp import WEBAPP_PATH, create_app
 from training.config import Config, load_config
 from training.contract import InputContract
 from training.families import get_family
@@ -293,5 +294,7 @@ class LeukoflowAPI:
         return out
 
 
+# The clinic web app and the steward's pages, same deployment and port (docs/webapp.md).
+LeukoflowAPI.mount_asgi_app(create_app(), path=WEBAPP_PATH, name="webapp")
 LeukoflowAPI.add_asgi_middleware(ApiKeyMiddleware)
 LeukoflowAPI.add_asgi_middleware(UploadGuard)

@@ -39,6 +39,7 @@ class StorageConfig(_Section):
     landing_uri: str | None = None  # default file://{home}/landing
     curated_uri: str | None = None  # default file://{home}/curated
     quarantine_uri: str | None = None  # default file://{home}/quarantine
+    reports_uri: str | None = None  # default file://{home}/reports: steward reports, Data Docs
     s3_endpoint_url: str | None = None  # MinIO / any S3-protocol server; None = AWS
     s3_region: str = "us-east-1"
     ready_markers: list[str] = ["_READY", "manifest.csv"]  # a batch is complete once one exists
@@ -192,6 +193,19 @@ class ServingConfig(_Section):
     startup_timeout_s: int = Field(300, ge=1)
 
 
+class WebappConfig(_Section):
+    """The web app at ``/app`` of the API service: accounts, classify/detect, steward pages."""
+
+    database_url: str | None = None  # default sqlite:///{home}/webapp.db (compose: Postgres)
+    secret_key_file: str | None = None  # default {home}/webapp_secret (made once, mode 0600)
+    registration: Literal["open", "admin"] = "admin"  # open: anyone; admin: admins create users
+    session_max_age_s: int = Field(8 * 3600, ge=60)
+    secure_cookies: bool = False  # mark cookies Secure (set true behind HTTPS)
+    max_failed_logins: int = Field(5, ge=1)  # per account, then locked for lockout_s
+    lockout_s: int = Field(300, ge=1)
+    min_password_length: int = Field(10, ge=1)
+
+
 class Config(BaseSettings):
     """Everything leukoflow can be told; see ``configs/leukoflow.yaml`` for the documented file."""
 
@@ -213,6 +227,7 @@ class Config(BaseSettings):
     pipeline: PipelineConfig = PipelineConfig()
     mlflow: MlflowConfig = MlflowConfig()
     serving: ServingConfig = ServingConfig()
+    webapp: WebappConfig = WebappConfig()
 
     @field_validator("home")
     @classmethod
@@ -231,7 +246,7 @@ class Config(BaseSettings):
         return (init_settings, env_settings, _YamlSource(settings_cls))
 
     # Derived locations: one place for each path.
-    def uri(self, area: Literal["landing", "curated", "quarantine"]) -> str:
+    def uri(self, area: Literal["landing", "curated", "quarantine", "reports"]) -> str:
         """The storage URI of an area, defaulting to a folder under ``home``."""
         explicit = getattr(self.storage, f"{area}_uri")
         return explicit or (self.home / area).as_uri()
@@ -263,6 +278,14 @@ class Config(BaseSettings):
     @property
     def artifact_root(self) -> str:
         return self.mlflow.artifact_root or (self.home / "mlartifacts").as_uri()
+
+    @property
+    def webapp_database_url(self) -> str:
+        return self.webapp.database_url or f"sqlite:///{self.home / 'webapp.db'}"
+
+    @property
+    def webapp_secret_file(self) -> Path:
+        return Path(self.webapp.secret_key_file or self.home / "webapp_secret")
 
     @property
     def api_keys_file(self) -> Path:

@@ -39,6 +39,8 @@ class Family:
     compare_architectures: bool  # log the papers' comparison table across candidates
     route: str  # the HTTP route that serves it
     answer_fields: tuple[str, ...]  # what a good answer of that route holds (smoke test)
+    intended_use: str = ""  # the model card's "intended use" (Mitchell et al.)
+    out_of_scope: str = ""  # the model card's "out-of-scope use"
 
     def registered_name(self, cfg: Config) -> str:
         return str(getattr(cfg.mlflow, self.registered_name_key))
@@ -83,6 +85,16 @@ FAMILIES: dict[str, Family] = {
         pyfunc="training.classifier.pyfunc:KerasClassifierModel",
         takes_architecture=True, compare_architectures=True,
         route="/classify", answer_fields=("label", "probabilities"),
+        intended_use=(
+            "Research and decision support: sort single segmented white-blood-cell images "
+            "(C-NMC style crops) into the configured classes, as a second reader for a "
+            "trained haematology professional who sees the probabilities and the Grad-CAM "
+            "heatmap."),
+        out_of_scope=(
+            "Diagnosing a patient, or any use without a professional's review; whole smear "
+            "fields or images that are not a single segmented cell; stains, scanners, "
+            "magnifications or populations absent from the training batches; children vs "
+            "adults or subtypes that the classes do not name."),
     ),
     "detector": Family(
         name="detector", kind="field",
@@ -94,6 +106,14 @@ FAMILIES: dict[str, Family] = {
         pyfunc="training.detector.pyfunc:DetectorModel",
         takes_architecture=False, compare_architectures=False,
         route="/detect", answer_fields=("boxes",),
+        intended_use=(
+            "Research and decision support: find and count white blood cells in a stained "
+            "blood-smear field so that a professional can review them, or crop cells for the "
+            "classifier."),
+        out_of_scope=(
+            "Counting for a clinical report without review; fields at magnifications, stains "
+            "or resolutions absent from the training batches; telling cell types apart beyond "
+            "the configured detector classes."),
     ),
 }
 

@@ -61,10 +61,13 @@ def discover(cfg: Config) -> list[str]:
 def validate(cfg: Config, batch_id: str) -> dict[str, Any]:
     """Validate one batch, quarantine what fails, curate what passes (idempotent)."""
     from training.data.curation import validate_batch
+    from training.reports import publish_report
 
     result = validate_batch(cfg, batch_id)
     log.info("batch %s: %s, %d accepted, %d quarantined %s; report %s", batch_id, result.status,
              result.accepted, result.quarantined, result.reasons, result.report_dir)
+    if result.status != "skipped":
+        publish_report(cfg, batch_id, result.report_dir, result.data_docs)
     return result.to_dict()
 
 
@@ -237,8 +240,19 @@ def promote_best(cfg: Config, candidates: list[dict[str, Any] | None], tags: dic
             notify(cfg, "gate_refused", f"{p.model_name} v{p.version} ({best.architecture}) "
                    f"was not promoted: {'; '.join(p.reasons)}", model=p.model_name,
                    version=p.version, reasons=p.reasons, **tags)
+        _model_card(cfg, p.model_name, p.version)
         promotions.append(p.to_dict())
     return promotions
+
+
+def _model_card(cfg: Config, name: str, version: str) -> None:
+    """Log the version's model card; a card that cannot be made is logged, never fatal."""
+    from training.promotion.modelcard import log_card
+
+    try:
+        log_card(cfg, name, version)
+    except Exception:  # noqa: BLE001 - the version is registered and gated either way
+        log.exception("model card of %s v%s could not be made", name, version)
 
 
 def publish(cfg: Config, promotions: list[dict[str, Any]], *,

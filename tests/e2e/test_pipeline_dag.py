@@ -99,3 +99,39 @@ def test_service_answers_with_champion_version(chain):
         assert str(r.json()["model"]["version"]) == str(champion)
         assert http.post("/classify", files={"image": ("c.png", image, "image/png")}
                          ).status_code == 401
+
+
+def test_every_registered_version_has_a_model_card_of_its_logged_metrics(chain, tmp_path):
+    """The promote step logged a card for each version; its figures are the run's metrics."""
+    from mlflow import MlflowClient
+
+    cfg, _, _ = chain
+    client = MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.tracking_uri)
+    for name in (cfg.mlflow.classifier_name, cfg.mlflow.detector_name):
+        versions = client.search_model_versions(f"name='{name}'")
+        assert versions
+        for mv in versions:
+            assert mv.tags.get("model_card") == "model_card/model_card.html", (name, mv.version)
+            out = Path(client.download_artifacts(mv.run_id, "model_card",
+                                                 str(tmp_path / f"{name}-{mv.version}")))
+            card = json.loads((out / "model_card.json").read_text())
+            logged = client.get_run(mv.run_id).data.metrics
+            assert card["version"] == str(mv.version)
+            assert card["metrics"]["overall"], card["metrics"]
+            for row in card["metrics"]["overall"]:
+                assert row["value"] == logged[row["metric"]], row
+            for metric, value in card["metrics"]["cost"].items():
+                assert value == logged[metric], metric
+            assert card["gate"]["passed"] == mv.tags["gate_passed"]
+            assert (out / "model_card.md").read_text().startswith(f"# Model card: {name}")
+
+
+def test_steward_reports_are_published_for_the_web_app(chain):
+    from training.reports import batch_summaries, reports_storage
+
+    cfg, batches, _ = chain
+    published = {s["batch_id"]: s for s in batch_summaries(reports_storage(cfg))}
+    assert set(published) == set(batches)
+    for summary in published.values():
+        assert summary["has_quarantine_page"] and summary["data_docs_page"]
+        assert reports_storage(cfg).exists(f"_data_docs/{summary['data_docs_page']}")

@@ -396,11 +396,12 @@ def test_dockerfile_copy_sources_exist() -> None:
         assert copy_problems(dockerfile, context) == []
 
 
-def test_postgres_init_script_is_mounted_and_valid_bash() -> None:
-    script = ROOT / "infra" / "postgres" / "init-mlflow-db.sh"
+@pytest.mark.parametrize("name", ["init-mlflow-db.sh", "init-webapp-db.sh"])
+def test_postgres_init_script_is_mounted_and_valid_bash(name: str) -> None:
+    script = ROOT / "infra" / "postgres" / name
     mounts = resolved_compose()["services"]["postgres"]["volumes"]
     assert any(
-        v.startswith("./infra/postgres/init-mlflow-db.sh:/docker-entrypoint-initdb.d/")
+        v.startswith(f"./infra/postgres/{name}:/docker-entrypoint-initdb.d/")
         for v in mounts
     )
     subprocess.run(["bash", "-n", str(script)], check=True)

@@ -64,6 +64,10 @@ def test_the_wheel_carries_its_data_files_and_no_dev_or_research_code(installed:
     names = zipfile.ZipFile(installed["wheel"]).namelist()
     assert "serving/bentofile.yaml" in names
     assert "training/_build_info.json" in names
+    for web in ("serving/webapp/templates/classify.html", "serving/webapp/static/app.css",
+                "serving/webapp/static/vendor/bootstrap/bootstrap.min.css",
+                "serving/webapp/static/vendor/fontawesome/webfonts/fa-solid-900.woff2"):
+        assert web in names, web  # the web app's pages and offline assets travel with it
     assert not [n for n in names if n.startswith(("research/", "tests/", "bench/", "dags/"))]
 
 

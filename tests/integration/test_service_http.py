@@ -329,3 +329,40 @@ def test_a_failed_publish_leaves_no_bento_and_no_key(
     assert {p.name for p in bentos.iterdir()} == before
     assert (bentos / "latest").read_text() == latest
     assert not any(r.name.startswith("publish-smoke-") for r in list_keys(server.cfg.api_keys_file))
+
+
+@pytest.mark.browser
+def test_web_app_under_bentoml_serve_classifies_in_a_browser(server: Any,
+                                                             tmp_path: Path) -> None:
+    """The web app mounted on the served Bento: log in and classify in headless Chromium; the
+    page shows the label and version the API gives, and the Grad-CAM of the real model."""
+    from serving.webapp.accounts import Accounts
+
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.skip("/usr/bin/chromium is absent: apt-get install -y chromium")
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    password = "served web app password"
+    Accounts(server.cfg.webapp_database_url).create("served", password)
+    api = _post(server, "/classify").json()
+    image = tmp_path / "cell.png"
+    image.write_bytes(_png())
+    assert server.client.get("/app/classify", follow_redirects=False).status_code == 303
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(chromium), args=["--no-sandbox"])
+        page = browser.new_page()
+        page.set_default_timeout(60_000)
+        page.goto(f"{server.url}/app/login")
+        page.fill("input[name=username]", "served")
+        page.fill("input[name=password]", password)
+        page.click("#login-form button[type=submit]")
+        page.wait_for_url(f"{server.url}/app/classify")
+        page.set_input_files("input[name=image]", str(image))
+        page.click("#classify-form button[type=submit]")
+        page.wait_for_selector("#classification")
+        assert page.inner_text("#predicted-label") == api["label"]
+        version = page.inner_text("#model-version")
+        assert api["model"]["name"] in version and f"version {api['model']['version']}" in version
+        assert page.locator("#probabilities svg g.bar").count() == len(CLASSES)
+        assert page.eval_on_selector("#gradcam", "e => e.complete && e.naturalWidth > 0")
+        browser.close()

@@ -73,6 +73,7 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     with pytest.MonkeyPatch.context() as mp:  # read once, when the app starts
         mp.setenv("LEUKOFLOW_HOME", str(home))
         mp.setenv("LEUKOFLOW_SERVING__MAX_IMAGE_BYTES", "50000")
+        mp.setenv("LEUKOFLOW_WEBAPP__REGISTRATION", "open")  # the web app at /app
         key = create_key(home / "api_keys.json", "t", ["classify", "detect", "explain"])
         for name, fake in deps.items():
             inner.__dict__[name]._resolved = fake  # what bentoml.depends() hands the service
@@ -242,3 +243,36 @@ def test_decodes_at_once_are_bounded_by_the_config(app: Any) -> None:
 
     assert asyncio.run(many()) == ["ok"] * 8
     assert peak == api_obj._decodes._value == svc.load_config().serving.max_concurrent_decodes
+
+
+def _csrf(html: str) -> str:
+    import re
+
+    return re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
+
+
+def test_web_app_is_mounted_with_its_own_auth_and_the_same_models(api: Any) -> None:
+    """/app is the web app's: no Bearer key needed (sessions instead), the API's routes still
+    need one, and the pages call the service's own model dependencies."""
+    client, deps = api
+    no_key = {"Authorization": ""}
+    assert client.post("/classify", headers=no_key, **_upload(_png())).status_code == 401
+    resp = client.get("/app/classify", headers=no_key, follow_redirects=False)
+    assert resp.status_code == 303 and resp.headers["location"] == "/app/login?next=/app/classify"
+    page = client.get("/app/register", headers=no_key)
+    assert page.status_code == 200
+    form = {"csrf_token": _csrf(page.text), "username": "api-test", "password": "long password 1",
+            "password2": "long password 1"}
+    assert client.post("/app/register", headers=no_key, data=form,
+                       follow_redirects=False).status_code == 303
+    page = client.get("/app/login", headers=no_key)
+    resp = client.post("/app/login", headers=no_key, follow_redirects=False, data={
+        "csrf_token": _csrf(page.text), "username": "api-test", "password": "long password 1"})
+    assert resp.status_code == 303 and "httponly" in resp.headers["set-cookie"].lower()
+    page = client.get("/app/classify", headers=no_key)
+    resp = client.post("/app/classify", headers=no_key, data={"csrf_token": _csrf(page.text)},
+                       **_upload(_png()))
+    assert resp.status_code == 200
+    assert 'id="predicted-label">all<' in resp.text and "version <b>7</b>" in resp.text
+    assert len(deps["classifier"].seen) == 1  # the API's own dependency answered
+    client.cookies.clear()

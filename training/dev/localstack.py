@@ -135,6 +135,7 @@ Airflow UI  {api_url}  (user admin, password in {pw})
 MLflow UI   http://127.0.0.1:{os.environ.get('LEUKOFLOW_MLFLOW_PORT', '5000')}
 Service     http://{cfg.serving.host}:{cfg.serving.port}  (docs at /docs; needs champions:
             run `make demo` first; key: .venv/bin/leukoflow keys create me)
+Web app     http://{cfg.serving.host}:{cfg.serving.port}/app  (first account: docs/webapp.md)
 Stop all    make down""")
 
 
