@@ -161,7 +161,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         thread.join(timeout=10)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # not session: sync Playwright runs an event loop until it stops
 def browser(site: Site) -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 

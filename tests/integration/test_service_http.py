@@ -296,7 +296,7 @@ def test_publish_end_to_end(server: Any) -> None:
 
 def test_a_missing_champion_is_a_publish_error(tmp_path: Path) -> None:
     cfg = load_config(home=tmp_path / "home")
-    with pytest.raises(PublishError, match="no 'champion' alias"):
+    with pytest.raises(PublishError, match="no model has a 'champion' alias"):
         import_champions(cfg)
 
 

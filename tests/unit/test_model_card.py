@@ -90,7 +90,8 @@ def test_card_figures_equal_the_logged_metrics(cfg, registered, tmp_path: Path) 
     assert sum(b["count"] for b in card["calibration"]["reliability"]) == logged["n_test"]
     assert card["gate"]["passed"] == "true"
     assert card["gate"]["reasons"] == [
-        f"balanced_accuracy={logged['balanced_accuracy']:.4f} >= floor 0.0000"]
+        f"balanced_accuracy={logged['balanced_accuracy']:.4f} >= floor "
+        f"{cfg.gate.classifier_floor:.4f}"]
     assert card["lineage"]["git_sha"] == "abc123"
     assert any("3 distinct donor(s) of class 'hem'" in x for x in card["limitations"])
     assert card["intended_use"] and card["out_of_scope"]

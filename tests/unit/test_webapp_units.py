@@ -86,8 +86,10 @@ def test_rewrite_leaves_no_external_asset() -> None:
     assert 'href="https://greatexpectations.io"' in out  # a plain link fetches nothing
 
 
-def test_web_app_paths_are_left_to_the_web_app() -> None:
-    mw = ApiKeyMiddleware(lambda *a: None, store=object())  # type: ignore[arg-type]
+def test_web_app_paths_are_left_to_the_web_app(tmp_path: Path) -> None:
+    from training.apikeys import KeyStore
+
+    mw = ApiKeyMiddleware(lambda *a: None, store=KeyStore(tmp_path / "keys.json", env={}))
     assert mw._is_open("/app") and mw._is_open("/app/login") and mw._is_open("/app/static/x")
     assert not mw._is_open("/apple") and not mw._is_open("/classify")
 
