@@ -233,9 +233,11 @@ def _service_during_retrain(cfg: Config) -> Iterator[None]:
     stop = threading.Event()
 
     def call(http: httpx.Client) -> tuple[int, str]:
+        """(status, "classifier vN from <the Bento that answered>")."""
         try:
             r = http.post("/classify", files={"image": ("cell.png", cell, "image/png")})
-            return r.status_code, str(r.json().get("model", {}).get("version", "?"))
+            version = r.json().get("model", {}).get("version", "?")
+            return r.status_code, f"v{version} from {r.headers.get('x-leukoflow-bento', '?')}"
         except (httpx.HTTPError, ValueError) as exc:
             return 0, type(exc).__name__
 
@@ -258,9 +260,9 @@ def _service_during_retrain(cfg: Config) -> Iterator[None]:
     finally:
         after = read_deployment(cfg)
         if after and after != previous:
-            new = str(after["models"].get(cfg.mlflow.classifier_name, ""))
             deadline = time.monotonic() + 300
-            while time.monotonic() < deadline and not (seen and seen[-1][1] == new):
+            while time.monotonic() < deadline and not (
+                    seen and seen[-1][1].endswith(after["bento_tag"])):
                 time.sleep(1)
         stop.set()
         thread.join(timeout=150)
@@ -276,7 +278,7 @@ def _service_during_retrain(cfg: Config) -> Iterator[None]:
             else:
                 runs.append([version, 1])
         failed = sum(1 for status, _ in seen if status != 200)
-        story = " then ".join(f"v{v} x{n}" for v, n in runs) or "no answer"
+        story = " then ".join(f"{v} x{n}" for v, n in runs) or "no answer"
         click.echo(f"    while retraining, the running service answered {len(seen)} requests "
                    f"({failed} failed): {story}"
                    + ("" if after != previous else "; nothing new was published, so it kept "
