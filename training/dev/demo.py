@@ -264,6 +264,7 @@ def _service_during_retrain(cfg: Config) -> Iterator[None]:
             while time.monotonic() < deadline and not (
                     seen and seen[-1][1].endswith(after["bento_tag"])):
                 time.sleep(1)
+            time.sleep(3)  # a few more answers from the new Bento
         stop.set()
         thread.join(timeout=150)
         proc.send_signal(signal.SIGTERM)
