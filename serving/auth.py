@@ -1,20 +1,7 @@
-"""API keys for the HTTP API: the ASGI middleware and the key CLI (the store: training.apikeys).
+"""API keys for the HTTP API: the ASGI middleware and the key CLI.
 
-A key is ``lf_`` + 43 url-safe characters (32 random bytes). Only its SHA-256 is stored. A slow
-password hash (PBKDF2, scrypt) protects low-entropy secrets against guessing; these keys carry
-256 random bits, so no one can search for a preimage of the digest, and a slow hash would only add
-~100 ms to every request. Keys come from two places, merged:
-
-* the key file (``cfg.api_keys_file``, JSON, mode 0600, rewritten atomically)::
-
-    {"version": 1, "keys": [{"name": "app", "sha256": "<hex>", "scopes": ["classify"],
-                             "created_at": "2025-01-01T00:00:00+00:00"}]}
-
-* the environment, for containers where a mounted file is awkward::
-
-    LEUKOFLOW_API_KEYS="app:<sha256 hex>:classify+detect,ops:<sha256 hex>:*"
-
-Scopes: ``classify``, ``detect``, ``explain`` or ``*`` (all). Manage keys with
+How keys are made, stored (SHA-256 only, key file or ``LEUKOFLOW_API_KEYS``) and scoped is
+:mod:`training.apikeys`, the store this middleware reads. Manage keys with
 ``python -m serving.auth create NAME --scopes classify,detect`` (prints the key once),
 ``revoke NAME``, ``list``, ``hash KEY`` (the digest to put in ``LEUKOFLOW_API_KEYS``).
 """

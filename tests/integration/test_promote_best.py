@@ -8,29 +8,16 @@ import logging
 import mlflow
 import pytest
 
+from tests.integration.registry_helpers import scored_candidate
 from training.promotion.aliases import alias_version
-from training.records import Candidate
 from training.stages import promote_best
-from training.tracking import configure_mlflow
 
 pytestmark = pytest.mark.integration
 
 
-class _Const(mlflow.pyfunc.PythonModel):
-    def predict(self, context, model_input, params=None):
-        return model_input
-
-
 def _candidate(cfg, arch: str, test: float, val: float | None) -> dict:
-    exp = configure_mlflow(cfg)
-    with mlflow.start_run(experiment_id=exp) as run:
-        info = mlflow.pyfunc.log_model(name="model", python_model=_Const(), pip_requirements=[])
-    metrics = {"balanced_accuracy": test}
-    if val is not None:
-        metrics["val/balanced_accuracy"] = val
-    return Candidate(family="classifier", architecture=arch, run_id=run.info.run_id,
-                     model_uri=info.model_uri, metrics=metrics, split_kind="subject",
-                     test_set_sha256="abc", dataset_version=1).to_dict()
+    extra = {} if val is None else {"val/balanced_accuracy": val}
+    return scored_candidate(cfg, test, architecture=arch, extra=extra).to_dict()
 
 
 def test_the_best_on_validation_is_gated_and_a_failed_one_is_named(cfg, caplog) -> None:

@@ -17,34 +17,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import mlflow
 import pytest
 
 from tests.integration.conftest import free_port
+from tests.integration.registry_helpers import scored_candidate
 from training.errors import RegistryError
 from training.promotion.aliases import aliases, promote, undo_promotion
-from training.records import Candidate
-from training.tracking import configure_mlflow
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-class _Const(mlflow.pyfunc.PythonModel):
-    def predict(self, context, model_input, params=None):
-        return model_input
-
-
-def _candidate(cfg, score: float, champion: tuple[str, float] | None = None) -> Candidate:
-    exp = configure_mlflow(cfg)
-    with mlflow.start_run(experiment_id=exp) as run:
-        info = mlflow.pyfunc.log_model(name="model", python_model=_Const(), pip_requirements=[])
-    return Candidate(
-        family="classifier", architecture="tiny", run_id=run.info.run_id,
-        model_uri=info.model_uri, metrics={"balanced_accuracy": score}, split_kind="subject",
-        test_set_sha256="abc", dataset_version=1,
-        champion_version=champion[0] if champion else None,
-        champion_metrics={"balanced_accuracy": champion[1]} if champion else None,
-    )
+_candidate = scored_candidate
 
 
 class _Server:
