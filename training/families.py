@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
+from pathlib import Path
 
 from training.config import Config
-from training.errors import ConfigError
+from training.errors import ConfigError, RegistryError
 
-__all__ = ["FAMILIES", "Family", "family_of_model", "get_family"]
+__all__ = ["FAMILIES", "Family", "family_of_model", "get_family", "read_logged_model"]
 
 
 @dataclass(frozen=True)
@@ -137,3 +138,19 @@ def family_of_model(cfg: Config, registered_name: str) -> Family:
     names = [f.registered_name(cfg) for f in FAMILIES.values()]
     raise ConfigError(f"'{registered_name}' is not a registered leukoflow model: "
                       f"valid names: {', '.join(names)}")
+
+
+def read_logged_model(model_dir: Path, family: str, artifact: str) -> tuple[Path, dict]:
+    """A logged leukoflow model's artifact path and MLmodel metadata, checked to be of
+    ``family``. The metadata is read as YAML, so no MLflow call (or import) is made."""
+    import yaml
+
+    model_dir = Path(model_dir)
+    path, mlmodel = model_dir / "artifacts" / artifact, model_dir / "MLmodel"
+    if not path.is_file() or not mlmodel.is_file():
+        raise RegistryError(f"{model_dir} is not a logged leukoflow {family}: it needs MLmodel "
+                            f"and artifacts/{artifact}")
+    meta = (yaml.safe_load(mlmodel.read_text()) or {}).get("metadata") or {}
+    if meta.get("family") != family:
+        raise RegistryError(f"{model_dir} holds a {meta.get('family')!r} model, not a {family}")
+    return path, meta

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from PIL import Image
 
 from training.errors import RegistryError
+from training.families import read_logged_model
 from training.preprocess import PreprocessParams, preprocess_image
 
 __all__ = ["PREDICT_BATCH", "load_classifier", "load_keras_model", "predict_array",
@@ -38,17 +38,10 @@ def load_classifier(model_dir: Path) -> tuple[Any, dict[str, Any]]:
     ``model_dir`` is a downloaded MLflow model dir (``MLmodel`` + ``artifacts/model.keras``);
     the metadata is read as YAML, so no MLflow call is made.
     """
-    model_dir = Path(model_dir)
-    keras_path, mlmodel = model_dir / "artifacts" / "model.keras", model_dir / "MLmodel"
-    if not keras_path.is_file() or not mlmodel.is_file():
-        raise RegistryError(f"{model_dir} is not a logged leukoflow classifier: it needs MLmodel "
-                            "and artifacts/model.keras")
-    meta = (yaml.safe_load(mlmodel.read_text()) or {}).get("metadata") or {}
-    if meta.get("family") != "classifier":
-        raise RegistryError(f"{model_dir} holds a {meta.get('family')!r} model, not a classifier")
+    keras_path, meta = read_logged_model(model_dir, "classifier", "model.keras")
     missing = {"classes", "preprocess"} - set(meta)
     if missing:
-        raise RegistryError(f"{mlmodel} metadata lacks {sorted(missing)}")
+        raise RegistryError(f"{Path(model_dir) / 'MLmodel'} metadata lacks {sorted(missing)}")
     return load_keras_model(keras_path), meta
 
 

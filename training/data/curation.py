@@ -107,19 +107,23 @@ def _curated_context(cfg: Config, batch_id: str | None, cache: Path) -> _Curated
                            dict(zip(test["sha256"], test["key"], strict=True)))
 
 
+def _curated_file(store: Any, key: str, cache: Path) -> Path:
+    """A curated image as a local file: in place for a local store, else downloaded once."""
+    path = store.local_path(key)
+    if path is None:
+        path = cache / "curated" / key
+        if not path.exists():
+            store.download(key, path)
+    return path
+
+
 def _leak_confirmer(cfg: Config, ctx: _CuratedContext, root: Path,
                     cache: Path) -> Callable[[str, list[str]], bool]:
     """``confirm(path, test_shas)``: compare pixels with the pHash candidates (fetched once)."""
     store = dataset.curated_storage(cfg)
 
     def local(sha: str) -> Path:
-        key = ctx.test_keys[sha]
-        path = store.local_path(key)
-        if path is None:
-            path = cache / "curated" / key
-            if not path.exists():
-                store.download(key, path)
-        return path
+        return _curated_file(store, ctx.test_keys[sha], cache)
 
     def confirm(path: str, shas: list[str]) -> bool:
         return any(same_picture(root / path, local(sha)) for sha in shas)
@@ -377,12 +381,7 @@ def _twin_confirmer(cfg: Config, insp: _Inspection, combined: pd.DataFrame,
         source, key = str(combined.at[k, "source"]), str(combined.at[k, "key"])
         if source.startswith(prefix) and combined.at[k, "batch_id"] == insp.batch_id:
             return insp.root / source[len(prefix):]
-        path = store.local_path(key)
-        if path is None:
-            path = cache / "curated" / key
-            if not path.exists():
-                store.download(key, path)
-        return path
+        return _curated_file(store, key, cache)
 
     def confirm(i: int, j: int) -> bool:
         return same_picture(local(i), local(j))

@@ -17,9 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from training.errors import RegistryError
+from training.families import read_logged_model
 
 __all__ = ["configure_ultralytics", "detect", "load_detector", "read_model_dir"]
 
@@ -92,15 +90,7 @@ def _ship_fonts(config_dir: Path) -> None:
 
 def read_model_dir(model_dir: Path) -> tuple[Path, dict[str, Any]]:
     """The weights path and MLmodel metadata of a logged detector (read as YAML: no MLflow)."""
-    model_dir = Path(model_dir)
-    weights, mlmodel = model_dir / "artifacts" / "best.pt", model_dir / "MLmodel"
-    if not weights.is_file() or not mlmodel.is_file():
-        raise RegistryError(f"{model_dir} is not a logged leukoflow detector: it needs MLmodel "
-                            "and artifacts/best.pt")
-    meta = (yaml.safe_load(mlmodel.read_text()) or {}).get("metadata") or {}
-    if meta.get("family") != "detector":
-        raise RegistryError(f"{model_dir} holds a {meta.get('family')!r} model, not a detector")
-    return weights, meta
+    return read_logged_model(model_dir, "detector", "best.pt")
 
 
 def load_detector(model_dir: Path) -> tuple[object, dict]:
