@@ -9,38 +9,17 @@ serves no detector.
 from __future__ import annotations
 
 import json
-import os
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_pipeline_dag import HERE, _run
-from training.config import load_config
-from training.dev.localenv import airflow_env, pool_command
-from training.dev.synthetic_landing import land_synthetic_batches
+from tests.e2e.test_pipeline_dag import run_chain
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def cells_only(tmp_path_factory):
-    home = tmp_path_factory.mktemp("cells_only") / "home"
-    os.environ["LEUKOFLOW_CONFIG"] = str(HERE / "tiny.yaml")
-    try:
-        cfg = load_config(home=home)
-        env = {**os.environ, **airflow_env(cfg)}
-    finally:
-        del os.environ["LEUKOFLOW_CONFIG"]
-    (home / "airflow").mkdir(parents=True)
-    batches = land_synthetic_batches(cfg, seed=3, n_subjects_per_class=3, images_per_subject=8,
-                                     n_fields=0)
-    airflow = str(Path(sys.executable).with_name("airflow"))
-    _run([airflow, "db", "migrate"], env, timeout=300)
-    _run([airflow, *pool_command(cfg)], env, timeout=120)
-    logs = {dag: _run([sys.executable, str(HERE / "run_dag.py"), dag], env)
-            for dag in ("ingest_validate", "retrain")}
-    return cfg, batches, logs
+    return run_chain(tmp_path_factory.mktemp("cells_only") / "home", seed=3, n_fields=0)
 
 
 def test_the_classifier_is_promoted_published_and_deployed(cells_only):

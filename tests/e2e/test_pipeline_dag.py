@@ -25,9 +25,9 @@ def _run(cmd: list[str], env: dict[str, str], timeout: int = 1500) -> str:
     return out.stdout
 
 
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    home = tmp_path_factory.mktemp("e2e") / "home"
+def run_chain(home: Path, *, seed: int, n_fields: int) -> tuple:
+    """Land synthetic batches, migrate Airflow, create its pools, then ``dag.test()`` both
+    DAGs in fresh processes; returns (cfg, landed batch ids, each DAG's output)."""
     os.environ["LEUKOFLOW_CONFIG"] = str(HERE / "tiny.yaml")
     try:
         cfg = load_config(home=home)
@@ -35,14 +35,19 @@ def chain(tmp_path_factory):
     finally:
         del os.environ["LEUKOFLOW_CONFIG"]
     (home / "airflow").mkdir(parents=True)
-    batches = land_synthetic_batches(cfg, seed=0, n_subjects_per_class=3, images_per_subject=8,
-                                     n_fields=12)
+    batches = land_synthetic_batches(cfg, seed=seed, n_subjects_per_class=3,
+                                     images_per_subject=8, n_fields=n_fields)
     airflow = str(Path(sys.executable).with_name("airflow"))
     _run([airflow, "db", "migrate"], env, timeout=300)
     _run([airflow, *pool_command(cfg)], env, timeout=120)
     logs = {dag: _run([sys.executable, str(HERE / "run_dag.py"), dag], env)
             for dag in ("ingest_validate", "retrain")}
     return cfg, batches, logs
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    return run_chain(tmp_path_factory.mktemp("e2e") / "home", seed=0, n_fields=12)
 
 
 def test_both_dags_succeeded(chain):
