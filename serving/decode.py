@@ -8,12 +8,19 @@ naming the same reason here, and any decoder exception is a 4xx too, never a dea
 ``UploadGuard`` checks the request itself before BentoML parses it: BentoML would also accept a
 JSON body naming a server-side *path* (``{"image": "/etc/hosts"}``) or a text field holding a
 URL to download, and it answers malformed forms with a 500. The guard lets through only a
-multipart form whose ``image`` field is a file, of bounded size.
+multipart form whose ``image`` field is a file, of bounded size, received within
+``serving.body_timeout_s``. BentoML writes the upload to a temporary file whose name ends
+with the client's filename (245+ bytes: ENAMETOOLONG, a 500 on every image route), so the
+guard hands BentoML a form rebuilt with a safe name (``upload`` + a short extension) instead.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
+import secrets
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -22,7 +29,9 @@ from PIL import Image
 
 from training.contract import InputContract, check_image, convert
 
-__all__ = ["BadImage", "ImageTooLarge", "UploadGuard", "decode_upload", "read_upload"]
+__all__ = [
+    "BadImage", "ImageTooLarge", "UploadGuard", "decode_upload", "read_upload", "safe_filename",
+]
 
 FIELD = "image"
 HOW = "send the file as the multipart form field 'image' (curl -F image=@cell.png)"
@@ -114,14 +123,17 @@ class UploadGuard:
 
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]],
                  routes: Iterable[str] = ("/classify", "/detect", "/explain"),
-                 max_bytes: int | None = None) -> None:
+                 max_bytes: int | None = None, body_timeout_s: float | None = None) -> None:
         self.app = app
         self.routes = frozenset(routes)
-        if max_bytes is None:
+        if max_bytes is None or body_timeout_s is None:
             from training.config import load_config
 
-            max_bytes = load_config().serving.max_image_bytes
+            serving = load_config().serving
+            max_bytes = serving.max_image_bytes if max_bytes is None else max_bytes
+            body_timeout_s = serving.body_timeout_s if body_timeout_s is None else body_timeout_s
         self.max_bytes = int(max_bytes)
+        self.body_timeout_s = float(body_timeout_s)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "").rstrip("/")
@@ -141,8 +153,14 @@ class UploadGuard:
                                     f"{self.max_bytes} bytes")
             return
         chunks, size, more = [], 0, True
+        deadline = time.monotonic() + self.body_timeout_s
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                await _reply(send, 408, f"the request body did not arrive within "
+                                        f"{self.body_timeout_s:g}s")
+                return
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
@@ -153,11 +171,14 @@ class UploadGuard:
                 return
             chunks.append(chunk)
             more = message.get("more_body", False)
-        body = b"".join(chunks)
-        problem = await _form_problem(scope, body)
+        problem, body, content_type = await _safe_form(scope, b"".join(chunks))
         if problem:
             await _reply(send, 400, problem)
             return
+        scope = dict(scope, headers=[
+            *((k, v) for k, v in scope.get("headers", [])
+              if k.lower() not in (b"content-type", b"content-length")),
+            (b"content-type", content_type), (b"content-length", str(len(body)).encode())])
 
         sent = False
 
@@ -171,9 +192,23 @@ class UploadGuard:
         await self.app(scope, replay, send)
 
 
-async def _form_problem(scope: Scope, body: bytes) -> str | None:
-    """Why this multipart body is unacceptable, or None."""
-    from starlette.datastructures import UploadFile
+_SAFE_SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,8}$")
+
+
+def safe_filename(name: str | None) -> str:
+    """A filename safe to put in a path: ``upload`` + the client's extension when it is short
+    and alphanumeric (``.png``), whatever the client sent (long, ``../``, control bytes)."""
+    base = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
+    match = _SAFE_SUFFIX.search(base)
+    return "upload" + (match.group(0).lower() if match else "")
+
+
+_MEDIA_TYPE = re.compile(r"^[\w.+-]+/[\w.+-]+$")
+
+
+async def _safe_form(scope: Scope, body: bytes) -> tuple[str | None, bytes, bytes]:
+    """(why the multipart body is unacceptable or None, the body rebuilt with safe filenames,
+    its Content-Type). Only the ``image`` file is kept: it is all the routes take."""
     from starlette.formparsers import MultiPartException
     from starlette.requests import Request
 
@@ -185,21 +220,37 @@ async def _form_problem(scope: Scope, body: bytes) -> str | None:
     try:
         form = await request.form(max_part_size=1024 * 1024)
     except MultiPartException as exc:
-        return f"malformed multipart/form-data body: {exc.message}"
+        return f"malformed multipart/form-data body: {exc.message}", b"", b""
     except Exception as exc:  # the parser's own errors are the body's fault too
-        return f"malformed multipart/form-data body: {type(exc).__name__}: {exc}"
+        return f"malformed multipart/form-data body: {type(exc).__name__}: {exc}", b"", b""
     try:
-        values = form.getlist(FIELD)
-        if not values:
-            fields = sorted(set(form.keys()))
-            return f"no '{FIELD}' field (got {fields or 'none'}): {HOW}"
-        if not all(isinstance(v, UploadFile) for v in values):
-            return f"the '{FIELD}' field is text, not a file: {HOW}"
-        if len(values) > 1:
-            return f"send one image per request, got {len(values)} '{FIELD}' files"
-        return None
+        problem = _check_form(form)
+        if problem:
+            return problem, b"", b""
+        upload = form.getlist(FIELD)[0]  # the only field the routes take
+        media = upload.content_type or ""
+        media = media if _MEDIA_TYPE.match(media) else "application/octet-stream"
+        boundary = "leukoflow-" + secrets.token_hex(16)
+        head = (f'--{boundary}\r\nContent-Disposition: form-data; name="{FIELD}"; '
+                f'filename="{safe_filename(upload.filename)}"\r\nContent-Type: {media}\r\n\r\n')
+        rebuilt = head.encode() + await upload.read() + f"\r\n--{boundary}--\r\n".encode()
+        return None, rebuilt, f"multipart/form-data; boundary={boundary}".encode()
     finally:
         await form.close()
+
+
+def _check_form(form: Any) -> str | None:
+    from starlette.datastructures import UploadFile
+
+    values = form.getlist(FIELD)
+    if not values:
+        fields = sorted(set(form.keys()))
+        return f"no '{FIELD}' field (got {fields or 'none'}): {HOW}"
+    if not all(isinstance(v, UploadFile) for v in values):
+        return f"the '{FIELD}' field is text, not a file: {HOW}"
+    if len(values) > 1:
+        return f"send one image per request, got {len(values)} '{FIELD}' files"
+    return None
 
 
 async def _reply(send: Send, status: int, message: str) -> None:

@@ -35,6 +35,9 @@ from starlette.responses import JSONResponse, Response
 
 from serving.auth import ApiKeyMiddleware
 from serving.decode import BadImage, UploadGuard, decode_upload, read_upload
+from serving.front import ServingFront
+from serving.health import ReadinessCheck, is_transient, probes_for
+from serving.observability import bound_bentoml_labels
 from serving.webapp import WEBAPP_PATH, create_app
 from training.config import Config, load_config
 from training.contract import InputContract
@@ -222,11 +225,30 @@ class LeukoflowAPI:
         return decode_upload(data, contract=self.contract)
 
     async def _call(self, dep: Any, method: str, **kwargs: Any) -> Any:
-        """Call a model service (a remote proxy under ``bentoml serve``, else a local object)."""
+        """Call a model service (a remote proxy under ``bentoml serve``, else a local object);
+        a transient failure (a dropped connection, :func:`serving.health.is_transient`) is
+        retried once before it reaches the client."""
+        from serving.observability import metrics
+
         to_async = getattr(dep, "to_async", None)
-        if to_async is not None:
-            return await getattr(to_async, method)(**kwargs)
-        return await asyncio.to_thread(getattr(dep, method), **kwargs)
+        for attempt in (1, 2):
+            try:
+                if to_async is not None:
+                    out = await getattr(to_async, method)(**kwargs)
+                else:
+                    out = await asyncio.to_thread(getattr(dep, method), **kwargs)
+            except Exception as exc:
+                if attempt == 2 or not is_transient(exc):
+                    if attempt == 2:
+                        metrics().retries.labels(model=method, outcome="failed").inc()
+                    raise
+                log.warning("%s: transient failure, retrying once: %s: %s", method,
+                            type(exc).__name__, exc)
+                continue
+            if attempt == 2:
+                metrics().retries.labels(model=method, outcome="recovered").inc()
+            return out
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _run(self, image: Path | None, dep: Any, method: str, what: str) -> Any:
         if dep is None:
@@ -239,17 +261,23 @@ class LeukoflowAPI:
             return _error(exc.status, str(exc), reasons=list(exc.reasons))
         try:
             return await self._call(dep, method, image=img)
-        except BentoMLException as exc:
-            status = int(getattr(exc, "error_code", HTTPStatus.INTERNAL_SERVER_ERROR))
-            log.error("%s failed: %s", what, exc)
-            if status < 500:
-                return _error(status, f"the {what} refused the image: {exc}")
-            return _error(HTTPStatus.BAD_GATEWAY, f"the {what} failed on this image; "
-                          "the server log has the details")
-        except Exception:  # the model service is down or unreachable
-            log.exception("%s call failed", what)
-            return _error(HTTPStatus.SERVICE_UNAVAILABLE, f"the {what} is not available; "
-                          "try again shortly")
+        except Exception as exc:
+            if isinstance(exc, BentoMLException) and not is_transient(exc):
+                status = int(getattr(exc, "error_code", HTTPStatus.INTERNAL_SERVER_ERROR))
+                log.error("%s failed: %s", what, exc)
+                if status < 500:
+                    return _error(status, f"the {what} refused the image: {exc}")
+                return _error(HTTPStatus.BAD_GATEWAY, f"the {what} failed on this image; "
+                              "the server log has the details")
+            log.exception("%s call failed", what)  # the model service is down or unreachable
+            retried = " (also when retried once)" if is_transient(exc) else ""
+            response = _error(HTTPStatus.SERVICE_UNAVAILABLE,
+                              f"the {what} service could not be reached{retried}: "
+                              f"{type(exc).__name__}: {str(exc)[:200] or 'no message'}; "
+                              "/readyz says which model is down; try again shortly",
+                              reason="model_unavailable")
+            response.headers["Retry-After"] = "5"
+            return response
 
     @bentoml.api(route="/classify")
     async def classify(self, image: Path) -> Classification:
@@ -296,5 +324,10 @@ class LeukoflowAPI:
 
 # The clinic web app and the steward's pages, same deployment and port (docs/webapp.md).
 LeukoflowAPI.mount_asgi_app(create_app(), path=WEBAPP_PATH, name="webapp")
+# Outermost first: readiness, limits and metrics; then keys; then the upload checks.
+bound_bentoml_labels()
+LeukoflowAPI.add_asgi_middleware(
+    ServingFront, readiness=lambda: ReadinessCheck(probes_for(LeukoflowAPI),
+                                                   _config().serving.readyz_timeout_s))
 LeukoflowAPI.add_asgi_middleware(ApiKeyMiddleware)
 LeukoflowAPI.add_asgi_middleware(UploadGuard)

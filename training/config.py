@@ -191,6 +191,12 @@ class ServingConfig(_Section):
     max_pixels: int = Field(16_777_216, ge=1)
     max_concurrent_decodes: int = Field(2, ge=1)  # uploads decoded at once in the API process
     startup_timeout_s: int = Field(300, ge=1)
+    # image requests in the API process at once; one more is a 503 with Retry-After
+    max_inflight: int = Field(256, ge=1)
+    retry_after_s: int = Field(2, ge=1)  # the Retry-After of that 503
+    max_header_bytes: int = Field(16_384, ge=256)  # all request headers together; above: 431
+    body_timeout_s: float = Field(30.0, gt=0)  # to receive an upload's body; after it: 408
+    readyz_timeout_s: float = Field(0.8, gt=0)  # per model service, so /readyz answers in 1 s
 
 
 class WebappConfig(_Section):

@@ -162,7 +162,10 @@ def test_a_failing_model_is_a_502_with_a_message(api: Any) -> None:
 def test_an_unreachable_model_service_is_a_503(api: Any) -> None:
     client, deps = api
 
+    calls = []
+
     def down(image: Image.Image) -> Any:
+        calls.append(1)
         raise ConnectionRefusedError("no socket")
 
     deps["classifier"].classify = down
@@ -171,7 +174,32 @@ def test_an_unreachable_model_service_is_a_503(api: Any) -> None:
     finally:
         del deps["classifier"].classify
     assert resp.status_code == 503
-    assert "not available" in resp.json()["error"]
+    assert len(calls) == 2, "a dropped connection is retried once, then answered"
+    body = resp.json()
+    assert "could not be reached (also when retried once)" in body["error"]
+    assert "ConnectionRefusedError: no socket" in body["error"]
+    assert body["reason"] == "model_unavailable"
+    assert resp.headers["retry-after"] == "5"
+
+
+def test_a_transient_failure_is_retried_once_and_the_client_gets_the_answer(api: Any) -> None:
+    client, deps = api
+    real = deps["classifier"].classify
+    calls = []
+
+    def flaky(image: Image.Image) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionResetError("Server disconnected")
+        return real(image)
+
+    deps["classifier"].classify = flaky
+    try:
+        resp = client.post("/classify", **_upload(_png()))
+    finally:
+        del deps["classifier"].classify
+    assert resp.status_code == 200, resp.text
+    assert len(calls) == 2
 
 
 def test_auth_is_wired(api: Any) -> None:

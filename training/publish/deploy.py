@@ -25,6 +25,7 @@ import os
 import signal
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -86,6 +87,42 @@ class _State:
     stopping: bool = False
 
 
+# Backends are started from this one thread, which lives as long as the supervisor: the
+# parent-death signal of ``bentoml serve`` (PR_SET_PDEATHSIG) follows the thread that forked it.
+_STARTER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leukoflow-backend-starter")
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _become_subreaper() -> bool:
+    """Orphaned descendants (circus workers whose arbiter died) are re-parented to this process
+    instead of init, so :func:`_stop_descendants` still finds them (Linux only)."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _stop_descendants(grace: float = 10.0) -> list[int]:
+    """SIGTERM, then SIGKILL after ``grace``, to every process still below this one."""
+    import psutil
+
+    try:
+        left = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+    for proc in left:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(left, timeout=grace)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=5)
+    return [p.pid for p in left]
+
+
 def _start_backend(cfg: Config, tag: str, versions: dict[str, str] | None) -> _Backend:
     """Start ``bentoml serve tag`` on a free port; ready and smoke-tested, or PublishError."""
     from training.families import family_of_model
@@ -93,8 +130,7 @@ def _start_backend(cfg: Config, tag: str, versions: dict[str, str] | None) -> _B
 
     stack = contextlib.ExitStack()
     try:
-        # started from a worker thread: the parent-death signal would follow that thread
-        url = stack.enter_context(serve(cfg, target=tag, die_with_parent=False))
+        url = stack.enter_context(serve(cfg, target=tag, die_with_parent=True))
         if versions:
             with _smoke_key(cfg) as key:
                 smoke_test(url, key, smoke_image(), expected_versions=versions,
@@ -153,8 +189,13 @@ async def _swap(cfg: Config, state: _State, tag: str, versions: dict[str, str] |
     """Blue/green: start and check the new backend, switch, drain and stop the old one."""
     log.info("deploying %s (%s)", tag, versions)
     started = time.monotonic()
+    loop = asyncio.get_running_loop()
     try:
-        green = await asyncio.to_thread(_start_backend, cfg, tag, versions)
+        start = loop.run_in_executor(_STARTER, _start_backend, cfg, tag, versions)
+        green = await asyncio.shield(start)
+    except asyncio.CancelledError:  # stopping while it starts: stop it once it has started
+        start.add_done_callback(lambda f: f.exception() or f.result().stack.close())
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure keeps the old backend serving
         state.failed.add(tag)
         log.error("not deploying %s: it did not start or pass its smoke test; %s keeps "
@@ -202,6 +243,7 @@ async def _main(cfg: Config, host: str, port: int, initial: str | None) -> None:
         def capture_signals(self) -> Any:
             yield
 
+    _become_subreaper()
     state = _State()
     app = _proxy_app(state)
     server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
@@ -220,6 +262,10 @@ async def _main(cfg: Config, host: str, port: int, initial: str | None) -> None:
         await app.state.client.aclose()
         if state.active is not None:
             await asyncio.to_thread(state.active.stack.close)
+        # whatever is left (a backend still starting, workers orphaned by a dying arbiter)
+        stray = await asyncio.to_thread(_stop_descendants)
+        if stray:
+            log.warning("stopped %d process(es) left after the backends: %s", len(stray), stray)
         log.info("stopped")
 
 
@@ -229,7 +275,9 @@ def run_supervisor(cfg: Config, *, host: str | None = None, port: int | None = N
 
     ``initial``: what to serve when nothing has been recorded as deployed yet (the last Bento
     that passed its smoke test). Blocks until SIGTERM or SIGINT; every backend process it
-    started is stopped before it returns.
+    started is stopped before it returns (also one still starting, and any orphaned worker:
+    the supervisor is their subreaper); a SIGKILLed supervisor takes its ``bentoml serve``
+    processes with it (parent-death signal).
     """
     if port is not None and not 0 < port < 65536:
         raise PublishError(f"port {port} is not a TCP port")
