@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -22,6 +23,7 @@ from typing import Any
 
 import httpx
 import mlflow
+import psutil
 import pytest
 from PIL import Image
 
@@ -29,6 +31,7 @@ from serving.auth import create_key, list_keys
 from training.config import load_config
 from training.errors import PublishError
 from training.publish.bento import (
+    _child_env,
     build_bento,
     import_champions,
     import_champions_detail,
@@ -42,6 +45,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ["all", "hem"]
+MAX_INFLIGHT = 4
 IMAGE_SIZE = 32
 
 _KERAS_SCRIPT = textwrap.dedent("""
@@ -132,7 +136,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     with pytest.MonkeyPatch.context() as mp:
         for key in [k for k in os.environ if k.startswith("LEUKOFLOW_")]:
             mp.delenv(key)
-        cfg = load_config(home=work / "home", serving={"startup_timeout_s": 240})
+        # a small in-flight limit, so a test can fill the queue with a handful of requests
+        cfg = load_config(home=work / "home",
+                          serving={"startup_timeout_s": 240, "max_inflight": MAX_INFLIGHT})
         keras_path, yolo_path = _make_model_files(work)
         versions = _register(cfg, keras_path, yolo_path)
         models = import_champions_detail(cfg)
@@ -280,6 +286,103 @@ def test_metrics_count_the_requests(server: Any) -> None:
     _post(server, "/classify")
     text = server.client.get("/metrics").text
     assert "/classify" in text
+
+
+def test_a_300_byte_filename_gets_a_normal_answer(server: Any) -> None:
+    name = "c" * 296 + ".png"  # BentoML put it in a temp file's name: ENAMETOOLONG, a 500
+    assert _post(server, "/classify", filename=name).status_code == 200
+    resp = _post(server, "/detect", data=smoke_image(), filename="../" * 80 + name)
+    assert resp.status_code == 200, resp.text
+
+
+def test_readyz_is_503_within_a_second_while_a_model_worker_is_stopped(server: Any) -> None:
+    """SIGSTOP the classifier's worker: /readyz names it at once; image requests fill the
+    bounded queue and one more is a 503 with Retry-After; SIGCONT and all is answered."""
+    import concurrent.futures
+
+    pid = server.client.post("/whoami", headers=_auth(server.keys["all"]),
+                             json={}).json()["classifier"]["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    pool = concurrent.futures.ThreadPoolExecutor(MAX_INFLIGHT)
+    try:
+        started = time.monotonic()
+        ready = server.client.get("/readyz", timeout=5)
+        took = time.monotonic() - started
+        assert ready.status_code == 503, ready.text
+        assert took < 1.0, f"/readyz took {took:.2f}s"
+        body = ready.json()
+        assert body["models"]["detector"] == "ready"
+        assert f"pid {pid} is stopped" in body["models"]["classifier"], body
+        assert "classifier" in body["error"]
+
+        held = [pool.submit(_post, server, "/classify") for _ in range(MAX_INFLIGHT)]
+        deadline = time.monotonic() + 30
+        while True:  # the held requests reach the API one by one
+            refused = _post(server, "/classify")
+            if refused.status_code == 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["reason"] == "queue_full"
+        assert int(refused.headers["retry-after"]) >= 1
+        assert server.client.get("/livez", timeout=2).status_code == 200  # never queued
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert [f.result(timeout=120).status_code for f in held] == [200] * MAX_INFLIGHT
+    pool.shutdown()
+    assert server.client.get("/readyz", timeout=5).status_code == 200
+
+
+def test_unique_unauthenticated_paths_leave_the_metrics_bounded(server: Any) -> None:
+    for i in range(20):
+        server.client.get(f"/warm-{i}")
+    before = len(server.client.get("/metrics").content)
+    for i in range(1000):
+        assert server.client.get(f"/scan-{i}/x").status_code == 401
+    text = server.client.get("/metrics").text
+    assert len(text) < before + 4096, f"/metrics grew from {before} to {len(text)} bytes"
+    assert "scan-" not in text
+    assert 'leukoflow_auth_refusals_total{route="other",status="401"}' in text
+    assert 'leukoflow_requests_total{model_version="' in text
+
+
+def test_openapi_declares_bearer_auth(server: Any) -> None:
+    spec = server.client.get("/docs.json").json()
+    assert spec["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
+    assert spec["paths"]["/classify"]["post"]["security"] == [{"bearerAuth": []}]
+
+
+def test_sigterm_to_leukoflow_serve_leaves_no_process_of_it(server: Any, tmp_path: Path) -> None:
+    """SIGTERM while its backend is still starting (models loading): before the fix the
+    backend thread kept its ``bentoml serve`` tree running after the supervisor returned."""
+    from tests.integration.conftest import free_port
+
+    port = free_port()
+    env = {**_child_env(server.cfg), "PYTHONPATH": str(ROOT)}
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "training.cli", "serve", "--port", str(port)],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    seen: dict[int, psutil.Process] = {}
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    seen.setdefault(child.pid, child)
+            if sum("_bentoml_impl.worker.service" in " ".join(p.cmdline()) for p in seen.values()
+                   if p.is_running()) >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+        assert len(seen) >= 3, "the backend's workers never started"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    _, alive = psutil.wait_procs(list(seen.values()), timeout=15)
+    assert not alive, f"SIGTERM left {[p.cmdline()[:3] for p in alive]}"
 
 
 def test_publish_end_to_end(server: Any) -> None:
