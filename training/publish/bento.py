@@ -464,7 +464,7 @@ def _publish(cfg: Config, serve_built: bool) -> Publication:
     from training.publish.export import export_champions
 
     models = import_champions_detail(cfg)
-    exports = export_champions(cfg, models)  # infra-validation: a mismatch stops here
+    exports = export_champions(cfg, models, _run)  # infra-validation: a mismatch stops here
     tag = build_bento(cfg, models)
     versions = {m.name: m.version for m in models}
     started = time.monotonic()

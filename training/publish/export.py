@@ -31,6 +31,7 @@ import logging
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,14 +97,15 @@ def _synthetic(work: Path, n: int) -> list[str]:
     return paths
 
 
-def export_champions(cfg: Config, models: list[Any]) -> dict[str, dict[str, Any]]:
+def export_champions(cfg: Config, models: list[Any], run: Callable[..., str]
+                     ) -> dict[str, dict[str, Any]]:
     """Export (or re-check) each champion's ONNX file; ``{registered name: report}``.
 
-    ``models``: :class:`training.publish.bento.ChampionModel` records. Raises PublishError
-    naming the model and the measured difference when an export disagrees with its model.
+    ``models``: :class:`training.publish.bento.ChampionModel` records; ``run``: the publish
+    step's child-process runner (``training.publish.bento._run``: its environment, a
+    PublishError with the child's stderr on failure). Raises PublishError naming the model and
+    the measured difference when an export disagrees with its model.
     """
-    from training.publish.bento import _run
-
     if not cfg.serving.onnx_export:
         return {}
     reports = {}
@@ -114,7 +116,7 @@ def export_champions(cfg: Config, models: list[Any]) -> dict[str, dict[str, Any]
             listing.write_text(json.dumps(images))
             cmd = [sys.executable, "-m", "training.publish.export", m.family,
                    "--bento-tag", m.bento_tag, "--images", str(listing)]
-            out = _run(cmd, cfg, f"ONNX export and check of {m.name} v{m.version}",
+            out = run(cmd, cfg, f"ONNX export and check of {m.name} v{m.version}",
                        timeout=1800, extra_env={"CUDA_VISIBLE_DEVICES": ""})
             try:
                 reports[m.name] = json.loads(out.strip().splitlines()[-1])
