@@ -1,14 +1,19 @@
 """The leukoflow HTTP API as three BentoML services, one process each under ``bentoml serve``.
 
-    LeukoflowAPI  (HTTP, auth middleware, decoding, /classify /detect /explain)
-      |-- bentoml.depends --> ClassifierService  (TensorFlow: the champion classifier)
-      '-- bentoml.depends --> DetectorService    (torch: the champion YOLO detector)
+    LeukoflowAPI  (HTTP, auth middleware, decoding + preprocessing, /classify /detect /explain)
+      |-- bentoml.depends --> ClassifierService  (ONNX Runtime; Keras only for /explain)
+      '-- bentoml.depends --> DetectorService    (ONNX Runtime, numpy letterbox + NMS)
 
-TensorFlow and torch segfault in one process, so each model lives in its own service; BentoML
-runs each service in its own worker process and the API talks to them over Unix sockets.
-This module imports neither: each model service imports its framework in ``__init__``, inside
-its own process. Uploads are decoded and checked once, in the API process, so a bad file is a
-4xx there and never reaches a model worker.
+Both champions are served from the ONNX exports that the publish step made and checked
+(:mod:`training.publish.export`), so neither model service imports TensorFlow or torch to
+answer /classify or /detect; a model without an export (published before exports existed, or
+not a Keras model) is served by its framework, which is why the services stay apart: TensorFlow
+and torch segfault in one process. The split also gives each model its own worker count
+(``serving.classifier_workers`` / ``detector_workers``) and its own batching queue. Grad-CAM
+needs TensorFlow's gradients: the classifier service loads the Keras model lazily, on the
+first /explain, the cheapest place (no extra process; no TensorFlow unless someone explains).
+Uploads are decoded, checked and preprocessed once, in the API process, so a bad file is a
+4xx there and never reaches a model worker, and what crosses the sockets is uint8 arrays.
 
 Which models: the BentoML models ``leukemia-classifier`` and ``wbc-detector`` (names from the
 config), imported from the MLflow ``champion`` aliases by ``training.publish.bento``. The exact tags
@@ -112,48 +117,74 @@ def _model_ref(stored: Any, fallback_name: str) -> ModelRef:
 
 
 # ----------------------------------------------------------------------- model services
-@bentoml.service(name="leukoflow-classifier", workers=1, traffic={"timeout": 120})
+# Read at import: worker counts and batching limits are decorator arguments.
+_SERVING = _config().serving
+
+
+@bentoml.service(name="leukoflow-classifier", workers=_SERVING.classifier_workers,
+                 traffic={"timeout": 120})
 class ClassifierService:
-    """The champion Keras classifier (TensorFlow imported here only, in this process)."""
+    """The champion classifier: its ONNX export in ONNX Runtime (no TensorFlow), else Keras.
+
+    It takes preprocessed uint8 pixels, never images: the API process decodes and preprocesses
+    (the one :func:`training.preprocess.preprocess_image`), so what crosses the socket is a
+    compact ``(n, size, size, 3)`` array, and BentoML's adaptive batching groups concurrent
+    requests into one forward pass. Keras (TensorFlow) is loaded only by the first ``/explain``:
+    Grad-CAM needs gradients, which ONNX Runtime does not give; loading it here, lazily, costs
+    no extra process and no TensorFlow at all for a deployment that never explains.
+    """
 
     bento_model = bentoml.models.BentoModel(CLASSIFIER_TAG) if CLASSIFIER_TAG else None
 
     def __init__(self) -> None:
-        from training.classifier.predict import load_classifier, predict_proba
+        from training.classifier.predict import load_classifier_runtime, predict_array
 
-        self._predict_proba = predict_proba
+        self._predict_array = predict_array
         stored = self.bento_model
         self.model_dir = Path(stored.path)
-        self.model, self.metadata = load_classifier(self.model_dir)
+        self.model, self.metadata = load_classifier_runtime(self.model_dir,
+                                                            _SERVING.onnx_threads)
+        self.runtime = "onnxruntime" if hasattr(self.model, "session") else "keras"
+        self._keras: Any = None if self.runtime == "onnxruntime" else self.model
         self.params = PreprocessParams.from_dict(self.metadata["preprocess"])
         self.classes = [str(c) for c in self.metadata["classes"]]
         self.ref = _model_ref(stored, stored.tag.name)
-        log.info("classifier %s v%s loaded from %s in pid %d", self.ref.name, self.ref.version,
-                 stored.tag, os.getpid())
+        log.info("classifier %s v%s (%s) loaded from %s in pid %d", self.ref.name,
+                 self.ref.version, self.runtime, stored.tag, os.getpid())
 
     def __is_ready__(self) -> bool:
         return self.model is not None
 
     @bentoml.api
-    def classify(self, image: PILImage.Image) -> Classification:
-        probs = self._predict_proba(self.model, [image], self.params)[0]
-        best = int(probs.argmax())
-        return Classification(
-            label=self.classes[best],
-            probabilities={c: float(p) for c, p in zip(self.classes, probs, strict=True)},
-            model=self.ref,
-        )
+    def info(self) -> dict[str, Any]:
+        """What a caller needs to send pixels: preprocessing, classes, model, runtime."""
+        return {"preprocess": self.params.to_dict(), "classes": self.classes,
+                "model": self.ref.model_dump(), "runtime": self.runtime, "pid": os.getpid()}
+
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=_SERVING.batch_max_size,
+                 max_latency_ms=_SERVING.batch_max_latency_ms)
+    def classify_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Probabilities ``(n, k)`` of preprocessed uint8 pixels ``(n, size, size, 3)``."""
+        return self._predict_array(self.model, pixels.astype(np.float32),
+                                   batch_size=_SERVING.batch_max_size)
+
+    def _keras_model(self) -> Any:
+        if self._keras is None:
+            from training.classifier.predict import load_classifier
+
+            self._keras, _ = load_classifier(self.model_dir)
+        return self._keras
 
     @bentoml.api
-    def explain(self, image: PILImage.Image) -> dict[str, Any]:
-        """Grad-CAM overlay of the predicted class: ``{"png", "label", "probability", "model"}``."""
+    def explain(self, pixels: np.ndarray) -> dict[str, Any]:
+        """Grad-CAM overlay of the predicted class of preprocessed uint8 pixels
+        ``(size, size, 3)``: ``{"png", "label", "probability", "model"}``."""
         from training.classifier.gradcam import gradcam_heatmap, overlay_png
 
-        probs = self._predict_proba(self.model, [image], self.params)[0]
+        probs = self._predict_array(self.model, pixels.astype(np.float32))[0]
         best = int(probs.argmax())
-        pixels = preprocess_image(image, self.params)  # (size, size, 3) in 0-255
-        heatmap = gradcam_heatmap(self.model, pixels, class_index=best,  # (size, size)
-                                  layer_name=self.metadata.get("gradcam_layer"))
+        heatmap = gradcam_heatmap(self._keras_model(), pixels.astype(np.float32),
+                                  class_index=best, layer_name=self.metadata.get("gradcam_layer"))
         png = overlay_png(np.asarray(pixels, dtype=np.uint8), heatmap)
         return {"png": png, "label": self.classes[best], "probability": float(probs[best]),
                 "model": self.ref.model_dump()}
@@ -161,39 +192,58 @@ class ClassifierService:
     @bentoml.api
     def whoami(self) -> dict[str, Any]:
         """Process id and model (used to check the process layout)."""
-        return {"pid": os.getpid(), "model": self.ref.model_dump()}
+        return {"pid": os.getpid(), "model": self.ref.model_dump(), "runtime": self.runtime}
 
 
-@bentoml.service(name="leukoflow-detector", workers=1, traffic={"timeout": 120})
+@bentoml.service(name="leukoflow-detector", workers=_SERVING.detector_workers,
+                 traffic={"timeout": 120})
 class DetectorService:
-    """The champion YOLO detector (torch/Ultralytics imported here only, in this process)."""
+    """The champion detector: its Ultralytics ONNX export in ONNX Runtime with numpy
+    letterbox and NMS (no torch), else the YOLO model (torch, imported in this process only).
+
+    Images arrive as decoded uint8 RGB arrays ``(h, w, 3)``; sizes differ, so no batching.
+    """
 
     bento_model = bentoml.models.BentoModel(DETECTOR_TAG) if DETECTOR_TAG else None
 
     def __init__(self) -> None:
-        from training.detector.predict import load_detector
+        from training.detector.onnx_runtime import OnnxDetector, onnx_path
+        from training.detector.predict import load_detector, read_model_dir
 
         stored = self.bento_model
-        self.model, self.metadata = load_detector(Path(stored.path))
+        model_dir = Path(stored.path)
+        onnx_file = onnx_path(model_dir)
+        if onnx_file.is_file():
+            _, self.metadata = read_model_dir(model_dir)
+            self.model: Any = OnnxDetector(onnx_file, self.metadata.get("classes"),
+                                           _SERVING.onnx_threads)
+            self.runtime = "onnxruntime"
+        else:
+            self.model, self.metadata = load_detector(model_dir)
+            self.runtime = "torch"
         self.imgsz = int(self.metadata.get("imgsz") or 640)
         self.ref = _model_ref(stored, stored.tag.name)
-        log.info("detector %s v%s loaded from %s in pid %d", self.ref.name, self.ref.version,
-                 stored.tag, os.getpid())
+        log.info("detector %s v%s (%s) loaded from %s in pid %d", self.ref.name,
+                 self.ref.version, self.runtime, stored.tag, os.getpid())
 
     def __is_ready__(self) -> bool:
         return self.model is not None
 
     @bentoml.api
-    def detect(self, image: PILImage.Image) -> Detection:
-        from training.detector.predict import detect
+    def detect(self, image: np.ndarray) -> Detection:
+        """Boxes of one decoded uint8 RGB image ``(h, w, 3)``, in its pixel coordinates."""
+        if self.runtime == "onnxruntime":
+            boxes = self.model.detect(image)
+        else:
+            from training.detector.predict import detect
 
-        boxes = detect(self.model, image, imgsz=self.imgsz)
+            boxes = detect(self.model, PILImage.fromarray(image), imgsz=self.imgsz)
         return Detection(boxes=[Box(**{k: b[k] for k in Box.model_fields}) for b in boxes],
                          model=self.ref)
 
     @bentoml.api
     def whoami(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "model": self.ref.model_dump()}
+        return {"pid": os.getpid(), "model": self.ref.model_dump(), "runtime": self.runtime}
 
 
 # ------------------------------------------------------------------------- public API
@@ -219,6 +269,7 @@ class LeukoflowAPI:
         self.max_bytes = self.contract.max_bytes
         # decoded pixels in memory are bounded by decodes at once x the pixel budget
         self._decodes = asyncio.Semaphore(cfg.serving.max_concurrent_decodes)
+        self._classifier_meta: dict[str, Any] | None = None  # the classifier's info(), cached
 
     def _decode(self, image: Path | None) -> PILImage.Image:
         data = read_upload(image, self.max_bytes)
@@ -250,6 +301,35 @@ class LeukoflowAPI:
             return out
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def _classifier_info(self, dep: Any) -> dict[str, Any]:
+        """The classifier's preprocessing, classes and model (asked once per API process)."""
+        if self._classifier_meta is None:
+            self._classifier_meta = await self._call(dep, "info")
+        return self._classifier_meta
+
+    async def infer(self, dep: Any, method: str, img: PILImage.Image) -> Any:
+        """One model call (``classify``, ``explain`` or ``detect`` of ``dep``; the web app's
+        pages call it too), its image carried as a uint8 array (never a re-encoded image).
+
+        The classifier gets preprocessed pixels ``(1, size, size, 3)``, made here by the one
+        preprocessing function, and its batchable endpoint groups concurrent requests; the
+        answer is built here from the probabilities it returns.
+        """
+        if method == "detect":
+            return await self._call(dep, "detect", image=np.asarray(img, dtype=np.uint8))
+        info = await self._classifier_info(dep)
+        params = PreprocessParams.from_dict(info["preprocess"])
+        pixels = (await asyncio.to_thread(preprocess_image, img, params)).astype(np.uint8)
+        if method == "explain":
+            return await self._call(dep, "explain", pixels=pixels)
+        probs = np.asarray(await self._call(dep, "classify_pixels", pixels=pixels[None]))[0]
+        classes = [str(c) for c in info["classes"]]
+        return Classification(
+            label=classes[int(probs.argmax())],
+            probabilities={c: float(p) for c, p in zip(classes, probs, strict=True)},
+            model=ModelRef(**info["model"]),
+        )
+
     async def _run(self, image: Path | None, dep: Any, method: str, what: str) -> Any:
         if dep is None:
             return _error(HTTPStatus.SERVICE_UNAVAILABLE,
@@ -260,7 +340,7 @@ class LeukoflowAPI:
         except BadImage as exc:
             return _error(exc.status, str(exc), reasons=list(exc.reasons))
         try:
-            return await self._call(dep, method, image=img)
+            return await self.infer(dep, method, img)
         except Exception as exc:
             if isinstance(exc, BentoMLException) and not is_transient(exc):
                 status = int(getattr(exc, "error_code", HTTPStatus.INTERNAL_SERVER_ERROR))

@@ -197,6 +197,18 @@ class ServingConfig(_Section):
     max_header_bytes: int = Field(16_384, ge=256)  # all request headers together; above: 431
     body_timeout_s: float = Field(30.0, gt=0)  # to receive an upload's body; after it: 408
     readyz_timeout_s: float = Field(0.8, gt=0)  # per model service, so /readyz answers in 1 s
+    # --- runtime and batching (training/publish/export.py, serving/service.py model services)
+    onnx_export: bool = True  # export the champions to ONNX at publish time and serve those
+    onnx_validation_images: int = Field(32, ge=1)  # test images the export is checked on
+    onnx_max_abs_prob_diff: float = Field(1e-4, ge=0)  # classifier: ONNX vs Keras probabilities
+    onnx_max_abs_raw_diff: float = Field(1e-2, ge=0)  # detector: raw output tensor difference
+    onnx_box_iou: float = Field(0.9, ge=0, le=1)  # detector: a box's match needs this IoU
+    onnx_box_score_diff: float = Field(0.01, ge=0, le=1)  # ... and a score this close
+    onnx_threads: int = Field(0, ge=0)  # ONNX Runtime intra-op threads per worker (0: cores)
+    batch_max_size: int = Field(32, ge=1)  # adaptive batching: images per classifier call
+    batch_max_latency_ms: int = Field(10_000, ge=1)  # ... longest a request may wait in a batch
+    classifier_workers: int = Field(1, ge=1)  # worker processes of the classifier service
+    detector_workers: int = Field(1, ge=1)  # worker processes of the detector service
 
 
 class WebappConfig(_Section):

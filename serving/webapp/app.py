@@ -214,6 +214,9 @@ class _Web:
         if dep is None:  # a deployment without this family (a cells-only site: no detector)
             raise _NotDeployed(f"this deployment serves no {family} model (none has been "
                                "promoted)")
+        infer = getattr(self.models(), "infer", None)
+        if infer is not None and set(kwargs) == {"image"}:  # as the API sends it: uint8 arrays
+            return await infer(dep, method, kwargs["image"])
         to_async = getattr(dep, "to_async", None)
         if to_async is not None:
             return await getattr(to_async, method)(**kwargs)

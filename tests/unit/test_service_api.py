@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -24,15 +25,20 @@ with warnings.catch_warnings():  # starlette nudges towards httpx2; httpx is wha
 
 
 class FakeClassifier:
+    """The classifier service's surface: info, batchable pixels -> probabilities, explain."""
+
     def __init__(self) -> None:
-        self.seen: list[Image.Image] = []
+        self.seen: list[Any] = []
 
-    def classify(self, image: Image.Image) -> svc.Classification:
-        self.seen.append(image)
-        return svc.Classification(label="all", probabilities={"all": 0.75, "hem": 0.25},
-                                  model=svc.ModelRef(name="leukemia-classifier", version="7"))
+    def info(self) -> dict[str, Any]:
+        return {"preprocess": {"image_size": 16}, "classes": ["all", "hem"],
+                "model": {"name": "leukemia-classifier", "version": "7"}}
 
-    def explain(self, image: Image.Image) -> dict[str, Any]:
+    def classify_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        self.seen.append(pixels)
+        return np.tile(np.array([[0.75, 0.25]], dtype=np.float32), (len(pixels), 1))
+
+    def explain(self, pixels: np.ndarray) -> dict[str, Any]:
         buf = io.BytesIO()
         Image.new("RGB", (8, 8), (255, 0, 0)).save(buf, format="PNG")
         return {"png": buf.getvalue(), "label": "all", "probability": 0.75,
@@ -104,7 +110,8 @@ def test_classify_shape(api: Any) -> None:
     assert resp.status_code == 200
     assert resp.json() == {"label": "all", "probabilities": {"all": 0.75, "hem": 0.25},
                            "model": {"name": "leukemia-classifier", "version": "7"}}
-    assert deps["classifier"].seen[0].mode == "RGB"  # decoded once, in the API process
+    pixels = deps["classifier"].seen[0]  # decoded and preprocessed once, in the API process,
+    assert pixels.dtype == np.uint8 and pixels.shape == (1, 16, 16, 3)  # sent as uint8 pixels
 
 
 def test_detect_shape(api: Any) -> None:
@@ -164,15 +171,15 @@ def test_an_unreachable_model_service_is_a_503(api: Any) -> None:
 
     calls = []
 
-    def down(image: Image.Image) -> Any:
+    def down(pixels: np.ndarray) -> Any:
         calls.append(1)
         raise ConnectionRefusedError("no socket")
 
-    deps["classifier"].classify = down
+    deps["classifier"].classify_pixels = down
     try:
         resp = client.post("/classify", **_upload(_png()))
     finally:
-        del deps["classifier"].classify
+        del deps["classifier"].classify_pixels
     assert resp.status_code == 503
     assert len(calls) == 2, "a dropped connection is retried once, then answered"
     body = resp.json()
@@ -184,20 +191,20 @@ def test_an_unreachable_model_service_is_a_503(api: Any) -> None:
 
 def test_a_transient_failure_is_retried_once_and_the_client_gets_the_answer(api: Any) -> None:
     client, deps = api
-    real = deps["classifier"].classify
+    real = deps["classifier"].classify_pixels
     calls = []
 
-    def flaky(image: Image.Image) -> Any:
+    def flaky(pixels: np.ndarray) -> Any:
         calls.append(1)
         if len(calls) == 1:
             raise ConnectionResetError("Server disconnected")
-        return real(image)
+        return real(pixels)
 
-    deps["classifier"].classify = flaky
+    deps["classifier"].classify_pixels = flaky
     try:
         resp = client.post("/classify", **_upload(_png()))
     finally:
-        del deps["classifier"].classify
+        del deps["classifier"].classify_pixels
     assert resp.status_code == 200, resp.text
     assert len(calls) == 2
 
@@ -236,7 +243,7 @@ def test_every_malformed_upload_is_a_4xx_or_a_prediction_never_a_5xx(api: Any) -
     assert not any(code >= 500 for code in statuses)
     accepted = sum(1 for _, r in corpus().values() if not r)
     assert statuses[200] == 3 * accepted
-    assert all(img.mode == "RGB" for img in deps["classifier"].seen)
+    assert all(px.shape == (1, 16, 16, 3) for px in deps["classifier"].seen)  # RGB pixels
     assert client.post("/classify", **_upload(_png())).status_code == 200
 
 
@@ -260,13 +267,13 @@ def test_decodes_at_once_are_bounded_by_the_config(app: Any) -> None:
         return Image.new("RGB", (40, 40))
 
     class Dep:
-        def classify(self, image: Any) -> str:
+        def detect(self, image: Any) -> str:
             return "ok"
 
     api_obj._decode = slow_decode
 
     async def many() -> list[Any]:
-        return await asyncio.gather(*[api_obj._run(None, Dep(), "classify", "classifier")
+        return await asyncio.gather(*[api_obj._run(None, Dep(), "detect", "detector")
                                       for _ in range(8)])
 
     assert asyncio.run(many()) == ["ok"] * 8

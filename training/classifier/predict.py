@@ -17,10 +17,12 @@ from training.errors import RegistryError
 from training.families import read_logged_model
 from training.preprocess import PreprocessParams, preprocess_image
 
-__all__ = ["PREDICT_BATCH", "load_classifier", "load_keras_model", "predict_array",
-           "predict_proba"]
+__all__ = ["ONNX_FILE", "PREDICT_BATCH", "OnnxClassifier", "load_classifier",
+           "load_classifier_runtime", "load_keras_model", "onnx_path", "postprocess_probs",
+           "predict_array", "predict_proba"]
 
 PREDICT_BATCH = 32  # images per forward pass when predicting arrays
+ONNX_FILE = "onnx/model.onnx"  # inside a published model dir, written by training.publish.export
 
 
 def load_keras_model(path: str | Path) -> Any:
@@ -45,6 +47,52 @@ def load_classifier(model_dir: Path) -> tuple[Any, dict[str, Any]]:
     return load_keras_model(keras_path), meta
 
 
+def postprocess_probs(raw: Any) -> np.ndarray:
+    """The one numpy step every classifier probability passes through, whatever computed it
+    (Keras in training and evaluation, ONNX Runtime in serving): ``(n, k)`` float32."""
+    return np.asarray(raw, dtype=np.float32)
+
+
+def onnx_path(model_dir: Path) -> Path:
+    """Where the publish step puts a classifier's ONNX export (absent: not exported)."""
+    return Path(model_dir) / ONNX_FILE
+
+
+class OnnxClassifier:
+    """An exported classifier run by ONNX Runtime, with the Keras surface that
+    :func:`predict_array` uses (``input_shape``, ``output_shape``, ``predict_on_batch``), so
+    every caller predicts through the same code whichever runtime holds the weights."""
+
+    def __init__(self, path: str | Path, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads  # 0: ONNX Runtime's default (all cores)
+        options.log_severity_level = 3  # errors only (not the unused-initializer notes)
+        self.session = ort.InferenceSession(str(path), options,
+                                            providers=["CPUExecutionProvider"])
+        (inp,) = self.session.get_inputs()  # the export folds every constant into the graph
+        self.input_name = inp.name
+        self.input_shape = tuple(d if isinstance(d, int) else None for d in inp.shape)
+        out = self.session.get_outputs()[0]
+        self.output_shape = tuple(d if isinstance(d, int) else None for d in out.shape)
+
+    def predict_on_batch(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.asarray(x, dtype=np.float32)})[0]
+
+
+def load_classifier_runtime(model_dir: Path, threads: int = 0) -> tuple[Any, dict[str, Any]]:
+    """What serving runs: the ONNX export when the publish step made one, else the Keras model.
+
+    Loading the ONNX file imports no TensorFlow (the metadata is read as YAML).
+    """
+    path = onnx_path(model_dir)
+    if not path.is_file():
+        return load_classifier(model_dir)
+    _, meta = read_logged_model(model_dir, "classifier", "model.keras")
+    return OnnxClassifier(path, threads), meta
+
+
 def predict_array(model: Any, x: Any, batch_size: int = PREDICT_BATCH) -> np.ndarray:
     """Probabilities ``(n, k)`` of preprocessed pixels ``(n, size, size, 3)`` (or one image)."""
     x = np.asarray(x, dtype=np.float32)
@@ -60,7 +108,7 @@ def predict_array(model: Any, x: Any, batch_size: int = PREDICT_BATCH) -> np.nda
         return np.zeros((0, n_classes), dtype=np.float32)
     out = [np.asarray(model.predict_on_batch(x[i:i + batch_size]))
            for i in range(0, len(x), batch_size)]
-    return np.concatenate(out).astype(np.float32)
+    return postprocess_probs(np.concatenate(out))
 
 
 def predict_proba(model: Any, images: list[Image.Image], params: PreprocessParams) -> np.ndarray:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from training.classifier.predict import load_classifier, predict_array
+from training.classifier.predict import load_classifier, postprocess_probs, predict_array
 from training.config import Config
 from training.entry import run_candidate_entry
 from training.errors import ConfigError, DataValidationError, TrainingError
@@ -116,7 +116,7 @@ def _probabilities(model: Any, paths: list[str], params: PreprocessParams,
 
     n_classes = int(model.output_shape[-1])
     ds = make_dataset(paths, None, n_classes, params, batch_size=batch_size, cache=False)
-    return np.asarray(model.predict(ds, verbose=0), dtype=np.float64)
+    return postprocess_probs(model.predict(ds, verbose=0)).astype(np.float64)
 
 
 def _metrics(y_true: np.ndarray, y_prob: np.ndarray, classes: list[str],

@@ -2,6 +2,8 @@
 
     import_champions   models:/<name>@champion -> BentoML models (labels: registered_name,
                        registered_version, run_id); skipped when that version is already there
+    export_champions   each model exported to ONNX inside its BentoML model and checked against
+                       the framework model on its test images (:mod:`training.publish.export`)
     build_bento        ``bentoml build`` with the champions' tags pinned as Bento arguments
     serve              ``bentoml serve <bento>`` on 127.0.0.1, wait for /readyz, always stop it
     smoke_test         authenticated /classify and /detect answer with the registered versions;
@@ -459,7 +461,10 @@ def publish(cfg: Config, *, serve_built: bool = True) -> Publication:
 
 
 def _publish(cfg: Config, serve_built: bool) -> Publication:
+    from training.publish.export import export_champions
+
     models = import_champions_detail(cfg)
+    exports = export_champions(cfg, models, _run)  # infra-validation: a mismatch stops here
     tag = build_bento(cfg, models)
     versions = {m.name: m.version for m in models}
     started = time.monotonic()
@@ -479,4 +484,5 @@ def _publish(cfg: Config, serve_built: bool) -> Publication:
     smoke["startup_s"] = round(ready_s, 1)
     smoke["bento_models"] = {m.name: m.bento_tag for m in models}
     smoke["imported"] = [m.name for m in models if m.imported]
+    smoke["onnx"] = exports
     return Publication(bento_tag=tag, models=versions, url=url, smoke=smoke)
