@@ -150,6 +150,18 @@ def _r(value: float | None) -> float | None:
     return None if value is None else round(value, 2)
 
 
+def _server_pid(home: Path) -> int:
+    """``bentoml serve`` (it runs in the home): the topmost process whose cwd is the home."""
+    inside = {}
+    for proc in psutil.process_iter():
+        try:
+            if Path(proc.cwd()) == home.resolve():
+                inside[proc.pid] = proc
+        except psutil.Error:
+            continue
+    return next(pid for pid, p in inside.items() if p.ppid() not in inside)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -178,10 +190,7 @@ def main() -> None:
                                   "max_inflight": cfg.serving.max_inflight,
                                   "client_timeout_s": args.timeout}}
     with serve(cfg) as url:
-        port = int(url.rsplit(":", 1)[1])
-        server_pid = next(p.pid for p in psutil.process_iter(["cmdline"])
-                          if "serve" in (p.info["cmdline"] or [])
-                          and str(port) in (p.info["cmdline"] or []))
+        server_pid = _server_pid(cfg.home)
         result["load"] = []
         for route in args.routes.split(","):
             before = _processes(server_pid)

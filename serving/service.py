@@ -345,6 +345,12 @@ class LeukoflowAPI:
             if isinstance(exc, BentoMLException) and not is_transient(exc):
                 status = int(getattr(exc, "error_code", HTTPStatus.INTERNAL_SERVER_ERROR))
                 log.error("%s failed: %s", what, exc)
+                if status in (HTTPStatus.SERVICE_UNAVAILABLE, HTTPStatus.TOO_MANY_REQUESTS):
+                    busy = _error(HTTPStatus.SERVICE_UNAVAILABLE,  # its queue is full: say so
+                                  f"the {what} is overloaded ({str(exc)[:200]}); try again "
+                                  "shortly", reason="model_overloaded")
+                    busy.headers["Retry-After"] = "2"
+                    return busy
                 if status < 500:
                     return _error(status, f"the {what} refused the image: {exc}")
                 return _error(HTTPStatus.BAD_GATEWAY, f"the {what} failed on this image; "
