@@ -62,6 +62,7 @@ def _processes(server_pid: int) -> dict[str, float]:
 async def _load(url: str, key: str, route: str, image: bytes, clients: int, seconds: float,
                 timeout: float) -> dict[str, Any]:
     statuses: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
     latencies: list[float] = []
     stop = time.monotonic() + seconds
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -73,6 +74,11 @@ async def _load(url: str, key: str, route: str, image: bytes, clients: int, seco
                 try:
                     resp = await client.post(route, files={"image": ("c.png", image, "image/png")})
                     statuses[str(resp.status_code)] += 1
+                    if resp.status_code != 200:
+                        try:
+                            reasons[f"{resp.status_code} {resp.json().get('error', '')[:90]}"] += 1
+                        except ValueError:
+                            reasons[f"{resp.status_code} (not JSON)"] += 1
                     if resp.status_code == 200:
                         latencies.append(time.perf_counter() - started)
                     elif resp.status_code == 503:
@@ -86,8 +92,10 @@ async def _load(url: str, key: str, route: str, image: bytes, clients: int, seco
         await asyncio.gather(*(one_client() for _ in range(clients)))
         wall = time.monotonic() - began
     fivexx = sum(n for s, n in statuses.items() if s.isdigit() and s.startswith("5"))
+    # wall_s: until the last answer: requests sent before the stop are still awaited
     return {"route": route, "clients": clients, "seconds": seconds, "wall_s": round(wall, 1),
-            "statuses": dict(statuses), "5xx": fivexx, "timeouts": statuses.get("timeout", 0),
+            "statuses": dict(statuses), "non_200_reasons": dict(reasons.most_common(6)),
+            "5xx": fivexx, "timeouts": statuses.get("timeout", 0),
             "ok_per_s": round(len(latencies) / wall, 2),
             "p50_ms": _pct(latencies, 0.50), "p95_ms": _pct(latencies, 0.95),
             "p99_ms": _pct(latencies, 0.99),

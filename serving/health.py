@@ -123,6 +123,23 @@ def _process_problem(service_name: str) -> str | None:
     return None
 
 
+STARTING_S = 300.0  # a worker younger than this that does not answer is said to be loading
+
+
+def _youngest_worker_age(service_name: str) -> float | None:
+    import time
+
+    import psutil
+
+    ages = []
+    for proc in _workers(service_name):
+        try:
+            ages.append(time.time() - proc.create_time())
+        except psutil.Error:
+            continue
+    return min(ages) if ages else None
+
+
 class ReadinessCheck:
     """Ask every model service at once, each within ``timeout`` seconds."""
 
@@ -144,6 +161,10 @@ class ReadinessCheck:
             resp = await asyncio.wait_for(probe._client(self.timeout).get("/readyz"),
                                           self.timeout)
         except (TimeoutError, httpx.TimeoutException):
+            young = _youngest_worker_age(probe.service_name)
+            if young is not None and young < STARTING_S:
+                return (f"its worker started {young:.0f}s ago and is still loading (it did "
+                        f"not answer /readyz within {self.timeout:g}s)")
             return (f"it did not answer /readyz within {self.timeout:g}s (its worker is busy "
                     "or hung)")
         except httpx.HTTPError as exc:

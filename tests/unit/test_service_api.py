@@ -209,6 +209,25 @@ def test_a_transient_failure_is_retried_once_and_the_client_gets_the_answer(api:
     assert len(calls) == 2
 
 
+def test_an_overloaded_model_service_is_a_503_with_retry_after(api: Any) -> None:
+    from bentoml.exceptions import ServiceUnavailable
+
+    client, deps = api
+
+    def busy(pixels: np.ndarray) -> Any:
+        raise ServiceUnavailable("process is overloaded")
+
+    deps["classifier"].classify_pixels = busy
+    try:
+        resp = client.post("/classify", **_upload(_png()))
+    finally:
+        del deps["classifier"].classify_pixels
+    assert resp.status_code == 503, resp.text
+    assert resp.json()["reason"] == "model_overloaded"
+    assert "process is overloaded" in resp.json()["error"]
+    assert resp.headers["retry-after"] == "2"
+
+
 def test_auth_is_wired(api: Any) -> None:
     client, _ = api
     resp = client.post("/classify", headers={"Authorization": ""}, **_upload(_png()))
