@@ -48,7 +48,7 @@ class ModelProbe:
 
 
 _TRANSIENT_WORDS = ("disconnect", "connection reset", "connection refused", "broken pipe",
-                    "remoteprotocolerror", "readerror", "connecterror")
+                    "connector is closed", "remoteprotocolerror", "readerror", "connecterror")
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -56,15 +56,22 @@ def is_transient(exc: BaseException) -> bool:
     one retry (BentoML 1.4's client wraps some of them in a BentoMLException)."""
     import httpx
 
-    if isinstance(exc, httpx.TransportError | ConnectionError):
-        return not isinstance(exc, httpx.TimeoutException)
+    connection_errors: tuple[type[BaseException], ...] = (httpx.TransportError, ConnectionError)
+    try:  # BentoML 1.4's inter-service client is aiohttp: "Server disconnected", "Connector
+        import aiohttp  # is closed" are ClientConnectionErrors
+
+        connection_errors += (aiohttp.ClientConnectionError,)
+    except ImportError:  # pragma: no cover - bentoml depends on aiohttp
+        pass
+    if isinstance(exc, connection_errors):
+        return not isinstance(exc, httpx.TimeoutException | TimeoutError)
     text = f"{type(exc).__name__} {exc}".lower()
     seen: set[int] = set()
     cause = exc.__cause__ or exc.__context__
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
-        if isinstance(cause, httpx.TransportError | ConnectionError) and not isinstance(
-                cause, httpx.TimeoutException):
+        if isinstance(cause, connection_errors) and not isinstance(
+                cause, httpx.TimeoutException | TimeoutError):
             return True
         cause = cause.__cause__ or cause.__context__
     return any(word in text for word in _TRANSIENT_WORDS)

@@ -194,3 +194,19 @@ def test_unique_paths_do_not_grow_the_metrics() -> None:
     assert "scan-" not in text
     counted = metrics().requests.labels(route=OTHER, status="200", model_version="none")
     assert counted._value.get() >= 1010
+
+
+def test_connection_failures_are_transient_and_model_failures_are_not() -> None:
+    import aiohttp
+    from bentoml.exceptions import BentoMLException
+
+    from serving.health import is_transient
+
+    assert is_transient(aiohttp.ServerDisconnectedError())
+    assert is_transient(aiohttp.ClientConnectionError("Connector is closed."))
+    assert is_transient(httpx.RemoteProtocolError("Server disconnected"))
+    assert is_transient(ConnectionResetError())
+    assert not is_transient(aiohttp.ServerTimeoutError())  # the client may have given up
+    assert not is_transient(httpx.ReadTimeout("slow"))
+    assert not is_transient(BentoMLException("the model failed on this input"))
+    assert not is_transient(ValueError("bad pixels"))
