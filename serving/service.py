@@ -117,12 +117,18 @@ def _model_ref(stored: Any, fallback_name: str) -> ModelRef:
 
 
 # ----------------------------------------------------------------------- model services
+# BentoML 1.4.40's inter-service client (aiohttp) replaces its session every 100 requests or
+# 300 s by closing the old one under the requests still using it: under 200 clients that is
+# "Connector is closed" / "Server disconnected" for every request in flight at each refresh.
+# Over loopback sockets nothing needs a fresh session: never refresh.
+RUNNER_CONNECTION = {"max_requests": 2**31 - 1, "max_age": 1e9}
+
 # Read at import: worker counts and batching limits are decorator arguments.
 _SERVING = _config().serving
 
 
 @bentoml.service(name="leukoflow-classifier", workers=_SERVING.classifier_workers,
-                 traffic={"timeout": 120})
+                 traffic={"timeout": 120}, runner_connection=RUNNER_CONNECTION)
 class ClassifierService:
     """The champion classifier: its ONNX export in ONNX Runtime (no TensorFlow), else Keras.
 
@@ -196,7 +202,7 @@ class ClassifierService:
 
 
 @bentoml.service(name="leukoflow-detector", workers=_SERVING.detector_workers,
-                 traffic={"timeout": 120})
+                 traffic={"timeout": 120}, runner_connection=RUNNER_CONNECTION)
 class DetectorService:
     """The champion detector: its Ultralytics ONNX export in ONNX Runtime with numpy
     letterbox and NMS (no torch), else the YOLO model (torch, imported in this process only).
