@@ -13,6 +13,9 @@ models: the BentoML models copied from ``--models-from``, ``<name>:latest``), th
    before and after;
 2. SIGKILL of the classifier's worker while 8 clients send /classify: time until /readyz says
    so, time until /classify answers 200 again, and what the clients received meanwhile.
+
+``python bench/serving_load.py render docs/serving-benchmark.md "LABEL=run.json" ...`` writes
+the tables of one or more runs between the load markers of the doc.
 """
 
 from __future__ import annotations
@@ -170,7 +173,78 @@ def _server_pid(home: Path) -> int:
     return next(pid for pid, p in inside.items() if p.ppid() not in inside)
 
 
+BEGIN, END = "<!-- BENCH:load:begin -->", "<!-- BENCH:load:end -->"
+
+
+def _rss(before: dict[str, float], after: dict[str, float]) -> str:
+    def name(k: str) -> str:
+        return k.rsplit(" [", 1)[0]
+
+    after_by = {name(k): v for k, v in after.items()}
+    return "; ".join(f"{name(k)} {v:.0f} -> {after_by.get(name(k), float('nan')):.0f}"
+                     for k, v in before.items())
+
+
+def render(runs: list[tuple[str, dict[str, Any]]]) -> str:
+    """Markdown of the ``--out`` JSON of one or more runs (label: what code it measured)."""
+    lines = ["### Load test", "",
+             "Each run: 200 asyncio clients on 127.0.0.1 send without pause for 60 s (then the "
+             "requests already sent are awaited: *wall*), one route after the other; a client "
+             "that gets a 503 waits its `Retry-After`. Client timeout 60 s per request. RSS in "
+             "MiB of each process before -> after the route's run.", "",
+             "| run | route | 200 | 5xx | timeouts | other | ok/s | p50 ms | p95 ms | p99 ms | "
+             "wall s | load avg (1 min) before/after |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label, r in runs:
+        for x in r["load"]:
+            st = x["statuses"]
+            other = {k: v for k, v in st.items()
+                     if k != "200" and k != "timeout" and not (k.isdigit() and k[0] == "5")}
+            lines.append(
+                f"| {label} | `{x['route']}` | {st.get('200', 0)} | {x['5xx']} | "
+                f"{x['timeouts']} | {other or ''} | {x['ok_per_s']} | {x['p50_ms']} | "
+                f"{x['p95_ms']} | {x['p99_ms']} | {x['wall_s']} | "
+                f"{x['loadavg_before'][0]:.1f} / {x['loadavg_after'][0]:.1f} |")
+    lines += ["", "What the non-200 answers said, and the memory (MiB):", ""]
+    for label, r in runs:
+        for x in r["load"]:
+            reasons = x.get("non_200_reasons") or {}
+            said = "; ".join(f"{n} x `{k}`" for k, n in reasons.items()) or (
+                "(not recorded in this run)" if x["5xx"] else "none")
+            lines.append(f"- {label} `{x['route']}`: {said}. RSS: "
+                         f"{_rss(x['rss_before_mib'], x['rss_after_mib'])}.")
+    lines += ["", "### Killing a model worker", "",
+              "SIGKILL of the classifier's worker while 8 clients send `/classify` (50 ms "
+              "apart); `/readyz` polled every 50 ms.", "",
+              "| run | /readyz reports it after s | its reason | serving again after s | "
+              "slowest /readyz s | what the clients received |", "|---|---|---|---|---|---|"]
+    for label, r in runs:
+        k = r["kill"]
+        got = ", ".join(f"{n} x {s}" for s, n in k["received"].items())
+        lines.append(f"| {label} | {k['readyz_reports_s']} | {k['readyz_reason']} | "
+                     f"{k['serving_again_s']} | {k['slowest_readyz_s']} | {got} |")
+    for label, r in runs:
+        lines.append(f"\n{label}: {r['date']}, {r['machine']}, limits {r['limits']}; "
+                     f"`{r['command']}`")
+    return "\n".join(lines) + "\n"
+
+
+def write_doc(doc: Path, text: str) -> None:
+    """Replace the part between the load markers of ``doc`` (append it when absent)."""
+    old = doc.read_text() if doc.exists() else "# Serving benchmark\n"
+    block = f"{BEGIN}\n{text}{END}"
+    if BEGIN in old and END in old:
+        new = old[:old.index(BEGIN)] + block + old[old.index(END) + len(END):]
+    else:
+        new = old.rstrip("\n") + "\n\n" + block + "\n"
+    doc.write_text(new)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["render"]:  # render DOC LABEL=JSON ...
+        doc, pairs = Path(sys.argv[2]), [a.split("=", 1) for a in sys.argv[3:]]
+        write_doc(doc, render([(label, json.loads(Path(p).read_text())) for label, p in pairs]))
+        return
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models-from", required=True, help="a BENTOML_HOME with the models")
