@@ -181,7 +181,8 @@ def run_size(size: int, work: Path, images: list[Path], base_env: dict[str, str]
     home = work / f"home-{size}"
     cfg = load_config(home=home, serving={"startup_timeout_s": 900})
     env = {**base_env, "LEUKOFLOW_HOME": str(home)}
-    keras_path = work / f"model-{size}.keras"
+    keras_path = work / f"model-{size}" / "model.keras"  # the artifact name serving reads
+    keras_path.parent.mkdir(parents=True, exist_ok=True)
     _child(["_build", str(size), str(keras_path)], env)
     _register(cfg, keras_path, size)
     models = import_champions_detail(cfg)

@@ -206,7 +206,8 @@ class ServingConfig(_Section):
     onnx_box_score_diff: float = Field(0.01, ge=0, le=1)  # ... and a score this close
     onnx_threads: int = Field(0, ge=0)  # ONNX Runtime intra-op threads per worker (0: cores)
     batch_max_size: int = Field(32, ge=1)  # adaptive batching: images per classifier call
-    batch_max_latency_ms: int = Field(10_000, ge=1)  # ... longest a request may wait in a batch
+    # ... longest a request may wait for its batch (BentoML refuses it after that: a 503)
+    batch_max_latency_ms: int = Field(60_000, ge=1)
     classifier_workers: int = Field(1, ge=1)  # worker processes of the classifier service
     detector_workers: int = Field(1, ge=1)  # worker processes of the detector service
 
