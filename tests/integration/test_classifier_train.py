@@ -128,6 +128,10 @@ def test_candidate_json_has_measured_metrics(trained: dict) -> None:
         assert math.isfinite(m[key]) and 0.0 <= m[key] <= 1.0, (key, m[key])
     assert m["accuracy_ci_low"] <= m["accuracy"] <= m["accuracy_ci_high"]
     assert m["n_test"] == 16  # one subject per class, 8 images each
+    # the intervals resample the 2 test subjects; the cell-level ones are labelled as such
+    assert m["ci_units"] == m["n_subjects"] == m["n_subjects_test"] == 2
+    assert m["n_subjects_test__all"] == m["n_subjects_test__hem"] == 1
+    assert m["n_subjects_train__all"] >= 1 and "accuracy_cell_ci_low" in m
     assert m["train_time_s"] > 0 and m["latency_ms_per_image"] > 0
     assert m["total_params"] >= m["trainable_params"] > 1e6  # VGG16: about 14.7 M
     # stdout's last line is the same record, for callers that read the stream

@@ -120,12 +120,15 @@ def _probabilities(model: Any, paths: list[str], params: PreprocessParams,
 
 
 def _metrics(y_true: np.ndarray, y_prob: np.ndarray, classes: list[str],
-             positive: str | None, who: str, n_bootstrap: int = 1000) -> dict[str, float]:
+             positive: str | None, who: str, n_bootstrap: int = 1000,
+             groups: np.ndarray | None = None) -> dict[str, float]:
+    """Test metrics; ``groups`` (subjects) make the intervals resample patients, not cells."""
     from training.evaluation.metrics import classification_metrics
 
     if not np.all(np.isfinite(y_prob)):
         raise TrainingError(f"{who} produced non-finite probabilities (did training diverge?)")
-    return classification_metrics(y_true, y_prob, classes, positive, n_bootstrap=n_bootstrap)
+    return classification_metrics(y_true, y_prob, classes, positive, n_bootstrap=n_bootstrap,
+                                  groups=groups)
 
 
 def _val_metrics(model: Any, part: pd.DataFrame, y: np.ndarray, classes: list[str],
@@ -196,6 +199,8 @@ def _evaluate_champion(
     positive: str | None, batch_size: int, work: Path,
 ) -> tuple[str | None, dict[str, float] | None, pd.DataFrame | None]:
     """The champion's metrics on OUR test rows, preprocessed with ITS OWN parameters."""
+    from training.evaluation.metrics import subject_groups
+
     champ = _champion(cfg, work / "champion")
     if champ is None:
         return None, None, None
@@ -209,24 +214,23 @@ def _evaluate_champion(
     params = PreprocessParams.from_dict(meta["preprocess"])
     y_prob = _probabilities(model, list(test["path"]), params, batch_size)
     y_prob = y_prob[:, [champ_classes.index(c) for c in classes]]
-    metrics = _metrics(y_true, y_prob, classes, positive, f"champion v{version}")
+    metrics = _metrics(y_true, y_prob, classes, positive, f"champion v{version}",
+                       groups=subject_groups(test))
     return version, metrics, _predictions_table(test, y_prob, classes)
 
 
 def _paired(cfg: Config, y_true: np.ndarray, y_prob: np.ndarray, champion: pd.DataFrame,
-            classes: list[str], test: pd.DataFrame, split_kind: str) -> dict[str, float]:
+            classes: list[str], test: pd.DataFrame) -> dict[str, float]:
     """Candidate minus champion on the same test rows, with its paired bootstrap 95 % CI
-    (resampling subjects when the split is by subject): what the gate's paired test reads."""
-    from training.evaluation.metrics import PAIRED_METRICS, paired_bootstrap_delta
+    (resampling subjects whenever the rows have them): what the gate's paired test reads."""
+    from training.evaluation.metrics import PAIRED_METRICS, paired_bootstrap_delta, subject_groups
 
     metric = FAMILY.gate_metric(cfg)
     if metric not in PAIRED_METRICS:
         return {}
     champ = champion[[f"p_{c}" for c in classes]].to_numpy().argmax(axis=1)
-    groups = None
-    if split_kind == "subject" and test["subject_id"].notna().all():
-        groups = test["subject_id"].astype(str).to_numpy()
-    out = paired_bootstrap_delta(metric, y_true, y_prob.argmax(axis=1), champ, groups=groups)
+    out = paired_bootstrap_delta(metric, y_true, y_prob.argmax(axis=1), champ,
+                                 groups=subject_groups(test))
     return {f"paired_{metric}_{k}": v for k, v in out.items()}
 
 
@@ -334,7 +338,11 @@ def train_and_evaluate(
         get_spec,
         resolve_hparams,
     )
-    from training.evaluation.metrics import save_classification_plots
+    from training.evaluation.metrics import (
+        save_classification_plots,
+        subject_groups,
+        subjects_per_class,
+    )
 
     hp = resolve_hparams(cfg, architecture)  # a bad name/value fails before any heavy work
     cells, ds = _cells(cfg, dataset_version)
@@ -365,7 +373,9 @@ def train_and_evaluate(
 
         test_paths = list(part["test"]["path"])
         y_prob = _probabilities(model, test_paths, params, int(hp["batch_size"]))
-        metrics = _metrics(y["test"], y_prob, classes, positive, architecture)
+        metrics = _metrics(y["test"], y_prob, classes, positive, architecture,
+                           groups=subject_groups(part["test"]))
+        metrics.update(subjects_per_class(cells, classes))  # what every figure rests on
         metrics.update(_val_metrics(model, part["val"], y["val"], classes, positive, params,
                                     int(hp["batch_size"]), architecture))
         metrics.update(total_params=float(total), trainable_params=float(trainable),
@@ -389,8 +399,7 @@ def train_and_evaluate(
                                       int(hp["batch_size"]), run.work)
         run.record_champion(*champion)
         if champion[2] is not None:
-            metrics.update(_paired(cfg, y["test"], y_prob, champion[2], classes, part["test"],
-                                   run.split_kind))
+            metrics.update(_paired(cfg, y["test"], y_prob, champion[2], classes, part["test"]))
         return run.finish(metrics, logged)
 
 
