@@ -161,6 +161,11 @@ class GateConfig(_Section):
     # CI must exceed min_improvement, so noise alone never replaces a champion.
     require_paired_improvement: bool = False
     min_improvement: float = Field(0.0, ge=-1, le=1)
+    # A candidate whose test split holds fewer distinct subjects of some class than this is not
+    # promoted: its figures say how a few patients look, not how the model does on patients.
+    # Counted from the candidate's n_subjects_test__<class> metrics (cell data with subject ids).
+    min_test_subjects_per_class: int = Field(3, ge=0)
+    allow_few_subjects: bool = False  # promote anyway (synthetic demo data), the reason says so
 
 
 class CvConfig(_Section):

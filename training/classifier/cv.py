@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ import pandas as pd
 
 from training.config import Config, load_config
 from training.entry import child_process_setup
-from training.errors import LeukoflowError
+from training.errors import ConfigError, LeukoflowError
 from training.preprocess import PreprocessParams
 
 __all__ = ["main", "min_subjects_per_class", "subject_cv", "wanted"]
@@ -59,18 +60,31 @@ def subject_cv(
     cfg: Config, architecture: str, *, dataset_version: int | None = None,
     folds: int | None = None, parent_run_id: str | None = None,
     tags: dict[str, str] | None = None, cells: pd.DataFrame | None = None,
+    feature_classifiers: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Leave-subjects-out CV of ``architecture``; returns the summary (metrics, notes, folds)
-    and the MLflow run id. ``cells``: the materialised cells when the caller has them."""
+    and the MLflow run id. ``cells``: the materialised cells when the caller has them.
+
+    ``feature_classifiers`` (names of :data:`training.classifier.classical.CLASSIFIERS`): the
+    deep-feature sweep under the same folds, at the cost of a feature extraction per fold:
+    each classifier is fitted on the fold's training cells' features from the backbone
+    trained in that fold (never on the held-out subjects), its figures under
+    ``cv/features/<name>/``.
+    """
     import keras
     import mlflow
 
     from training.classifier.architectures import build_model, resolve_hparams
+    from training.classifier.classical import CLASSIFIERS
     from training.classifier.train import _cells, _fit, _probabilities
     from training.evaluation.metrics import subject_groups
-    from training.evaluation.subject_cv import cross_validate
+    from training.evaluation.subject_cv import cross_validate, pooled_metrics
     from training.tracking import configure_mlflow
 
+    unknown = sorted(set(feature_classifiers) - set(CLASSIFIERS))
+    if unknown:
+        raise ConfigError(f"unknown feature classifier(s) {unknown}; choose from "
+                          f"{sorted(CLASSIFIERS)}")
     hp = resolve_hparams(cfg, architecture)
     if cfg.cv.epochs is not None:
         hp["epochs"] = cfg.cv.epochs
@@ -112,10 +126,41 @@ def subject_cv(
             with mlflow.start_run(experiment_id=experiment_id, run_name=f"fold-{i}",
                                   nested=True, tags={"leukoflow_role": "subject_cv_fold"}) as f:
                 _fit(model, hp, part, labels, params, work, f.info.run_id)
+            if feature_classifiers:
+                _feature_fold(model, train, test)
             return _probabilities(model, list(cells["path"].iloc[test]), params, batch_size)
+
+        feature_oof = {n: np.full((len(cells), len(classes)), np.nan)
+                       for n in feature_classifiers}
+
+        def _feature_fold(model: Any, train: np.ndarray, test: np.ndarray) -> None:
+            from training.classifier.classical import CLASSIFIERS, fit_predict_proba
+            from training.classifier.features import (
+                _feature_model,
+                default_feature_layer,
+                extract_features,
+            )
+            from training.classifier.inputs import make_dataset
+
+            extractor = _feature_model(model, default_feature_layer(architecture))
+
+            def feats(rows: np.ndarray) -> np.ndarray:
+                ds = make_dataset(list(cells["path"].iloc[rows]), None, len(classes), params,
+                                  batch_size=batch_size, cache=False)
+                return extract_features(extractor, ds)
+
+            X_train, X_test = feats(train), feats(test)
+            for name in feature_classifiers:
+                proba, _ = fit_predict_proba(CLASSIFIERS[name](), X_train, y[train], X_test,
+                                             len(classes))
+                feature_oof[name][test] = proba
 
         result = cross_validate(y, groups, classes, fit_predict, k=k, positive_class=positive,
                                 seed=int(hp["seed"]))
+        for name, oof in feature_oof.items():
+            result.metrics.update(pooled_metrics(y, oof, groups, classes, positive,
+                                                 seed=int(hp["seed"]),
+                                                 prefix=f"cv/features/{name}/"))
         mlflow.log_metrics(result.metrics)
         mlflow.set_tag("cv_scheme", result.scheme)
         if result.notes:
@@ -147,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset-version", type=int, default=None, help="default: newest")
     parser.add_argument("--folds", type=int, default=None, help="default: cv.folds")
     parser.add_argument("--parent-run-id", default=None)
+    parser.add_argument("--feature-classifiers", default="",
+                        help="comma-separated classical classifiers on each fold's backbone "
+                             "features (the deep-feature sweep under the same folds)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     child_process_setup()
@@ -154,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = subject_cv(cfg, args.architecture or cfg.classifier.architectures[0],
                              dataset_version=args.dataset_version, folds=args.folds,
-                             parent_run_id=args.parent_run_id)
+                             parent_run_id=args.parent_run_id,
+                             feature_classifiers=[n for n in args.feature_classifiers.split(",")
+                                                  if n])
     except LeukoflowError as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2

@@ -32,7 +32,8 @@ from sklearn.model_selection import LeaveOneGroupOut, StratifiedGroupKFold
 from training.errors import DataValidationError
 from training.evaluation.metrics import _key, classification_metrics
 
-__all__ = ["FOLD_METRICS", "FitPredict", "SubjectCV", "cross_validate", "subject_folds"]
+__all__ = ["FOLD_METRICS", "FitPredict", "SubjectCV", "cross_validate", "pooled_metrics",
+           "subject_folds"]
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,17 @@ def _fold_row(i: int, y: np.ndarray, groups: np.ndarray, prob: np.ndarray,
     return row
 
 
+def pooled_metrics(y: np.ndarray, oof: np.ndarray, groups: np.ndarray, classes: Sequence[str],
+                   positive_class: str | None = None, *, n_bootstrap: int = 1000,
+                   seed: int = 0, prefix: str = "cv/") -> dict[str, float]:
+    """Metrics of out-of-fold predictions, CIs resampling subjects, keys ``<prefix><name>``."""
+    positive = positive_class if len(classes) == 2 else None
+    pooled = classification_metrics(np.asarray(y).astype(np.int64), oof, list(classes), positive,
+                                    n_bootstrap=n_bootstrap, seed=seed,
+                                    groups=np.asarray(groups).astype(str))
+    return {f"{prefix}{k}": v for k, v in pooled.items()}
+
+
 def cross_validate(
     y: np.ndarray, groups: np.ndarray, classes: Sequence[str], fit_predict: FitPredict, *,
     k: int = 5, positive_class: str | None = None, n_bootstrap: int = 1000, seed: int = 0,
@@ -143,7 +155,7 @@ def cross_validate(
     rows = []
     for i, (train, test) in enumerate(folds):
         log.info("%s: fold %d/%d, %d train and %d test cells (test subjects %s)", scheme,
-                 i + 1, len(folds), len(train), len(test), sorted(np.unique(groups[test])))
+                 i + 1, len(folds), len(train), len(test), ", ".join(np.unique(groups[test])))
         prob = np.asarray(fit_predict(i, train, test), dtype=np.float64)
         if prob.shape != (len(test), len(classes)):
             raise ValueError(f"fit_predict returned shape {prob.shape} for fold {i}, "
@@ -151,9 +163,8 @@ def cross_validate(
         oof[test], fold_of[test] = prob, i
         rows.append(_fold_row(i, y[test], groups[test], prob, classes, positive))
     fold_table = pd.DataFrame(rows)
-    pooled = classification_metrics(y, oof, classes, positive, n_bootstrap=n_bootstrap,
-                                    seed=seed, groups=groups)
-    metrics = {f"cv/{k_}": v for k_, v in pooled.items()}
+    metrics = pooled_metrics(y, oof, groups, classes, positive, n_bootstrap=n_bootstrap,
+                             seed=seed)
     metrics["cv/n_folds"] = float(len(folds))
     for name in FOLD_METRICS:
         values = fold_table[name].astype(float)

@@ -1,6 +1,7 @@
 """The promotion gate: the verdict on one candidate, with its reasons (TFX's blessing).
 
-Floors first, then non-regression against the champion scored on the same test rows. What
+Floors first (the gated metric, and enough test subjects per class for the figures to be
+about patients), then non-regression against the champion scored on the same test rows. What
 metric and floor apply comes from the family table (:mod:`training.families`), their values
 from the config. The verdict is pure: registering and moving aliases is
 :mod:`training.promotion.aliases`' job.
@@ -25,6 +26,9 @@ def gate(cfg: Config, candidate: Candidate) -> tuple[bool, list[str]]:
     reasons = []
     ok = value >= floor
     reasons.append(f"{metric}={value:.4f} {'>=' if ok else '<'} floor {floor:.4f}")
+    enough, subject_reasons = _subjects(cfg, candidate)
+    ok = ok and enough
+    reasons.extend(subject_reasons)
     champ = candidate.champion_metrics
     if candidate.champion_version is None or champ is None:
         reasons.append("no champion yet: the first version that passes the floor becomes champion")
@@ -42,6 +46,26 @@ def gate(cfg: Config, candidate: Candidate) -> tuple[bool, list[str]]:
     paired_ok, paired = _paired(cfg, metric, candidate)
     reasons.extend(paired)
     return ok and better and paired_ok, reasons
+
+
+def _subjects(cfg: Config, candidate: Candidate) -> tuple[bool, list[str]]:
+    """How many patients the test figures rest on, per class; too few refuse the candidate
+    unless ``gate.allow_few_subjects``. Candidates whose rows name no subjects report none."""
+    prefix = "n_subjects_test__"
+    counts = {k[len(prefix):]: int(v) for k, v in candidate.metrics.items()
+              if k.startswith(prefix)}
+    if not counts:
+        return True, []
+    need = cfg.gate.min_test_subjects_per_class
+    listed = ", ".join(f"{c}: {n}" for c, n in sorted(counts.items()))
+    few = sorted(c for c, n in counts.items() if n < need)
+    if not few:
+        return True, [f"test subjects per class ({listed}) >= minimum {need}"]
+    text = (f"test subjects per class ({listed}): class(es) {', '.join(few)} below the minimum "
+            f"{need}, so the test figures rest on too few patients to promote on")
+    if cfg.gate.allow_few_subjects:
+        return True, [text + " (allowed: gate.allow_few_subjects is on)"]
+    return False, [text + " (gate.min_test_subjects_per_class)"]
 
 
 def _paired(cfg: Config, metric: str, candidate: Candidate) -> tuple[bool, list[str]]:
