@@ -146,9 +146,12 @@ def train(ctx: click.Context, family: str, architecture: str | None,
 @click.option("--architecture", default=None, help="Classifier architecture (see models list).")
 @click.option("--dataset-version", type=int, default=None, help="Default: newest.")
 @click.option("--folds", type=int, default=None, help="Subject folds (default: cv.folds).")
+@click.option("--feature-classifiers", default="",
+              help="Comma-separated classical classifiers fitted on each fold's backbone "
+                   "features (the deep-feature sweep under the same folds).")
 @click.pass_context
 def cv(ctx: click.Context, architecture: str | None, dataset_version: int | None,
-       folds: int | None) -> None:
+       folds: int | None, feature_classifiers: str) -> None:
     """Leave-subjects-out CV of a classifier architecture: retrained per fold in its own
     process, scored on subjects it never saw (pooled, with subject-level 95 % CIs)."""
     from training.stages import curated_dataset, subject_cv
@@ -156,7 +159,8 @@ def cv(ctx: click.Context, architecture: str | None, dataset_version: int | None
     cfg = _cfg(ctx)
     version = dataset_version or curated_dataset(cfg)["version"]
     architecture = architecture or get_family("classifier").default_architecture(cfg)
-    summary = subject_cv(cfg, architecture, dataset_version=version, folds=folds)
+    summary = subject_cv(cfg, architecture, dataset_version=version, folds=folds,
+                         feature_classifiers=[n for n in feature_classifiers.split(",") if n])
     m = summary["metrics"]
     for note in summary["notes"]:
         click.secho(f"note: {note}", fg="yellow", err=True)

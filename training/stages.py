@@ -165,12 +165,14 @@ def train(
 def subject_cv(cfg: Config, architecture: str, *, dataset_version: int,
                folds: int | None = None, parent_run_id: str | None = None,
                overrides: dict[str, Any] | None = None,
-               only_if_small: bool = False) -> dict[str, Any] | None:
+               only_if_small: bool = False,
+               feature_classifiers: list[str] | None = None) -> dict[str, Any] | None:
     """Leave-subjects-out CV of one classifier architecture, in its own process
     (``python -m training.classifier.cv``): retrained per fold, scored on unseen subjects.
 
     ``only_if_small`` (the retrain DAG): run only when the smallest class has fewer subjects
     than ``cv.run_below_subjects_per_class``; otherwise None, and the log says why.
+    ``feature_classifiers``: the deep-feature sweep under the same folds (``cv/features/``).
     """
     if only_if_small:
         from training.classifier.cv import min_subjects_per_class, wanted
@@ -200,6 +202,8 @@ def subject_cv(cfg: Config, architecture: str, *, dataset_version: int,
             cmd += ["--folds", str(folds)]
         if parent_run_id:
             cmd += ["--parent-run-id", parent_run_id]
+        if feature_classifiers:
+            cmd += ["--feature-classifiers", ",".join(feature_classifiers)]
         what = f"leave-subjects-out CV ({architecture})"
         _run_child(cfg, cmd, what, "cv", overrides)
         if not out.exists():

@@ -33,7 +33,7 @@ def test_cli_cv_retrains_per_subject_fold_and_logs_subject_level_figures(tmp_pat
     version = _curate_cells(home)  # 3 subjects per class, 8 cells each
     proc = subprocess.run(
         [sys.executable, "-c", "from training.cli import main; main()", "cv", "--folds", "2",
-         "--dataset-version", str(version)],
+         "--dataset-version", str(version), "--feature-classifiers", "logistic_regression"],
         cwd=ROOT, env=_child_env(home), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads(proc.stdout)
@@ -45,6 +45,10 @@ def test_cli_cv_retrains_per_subject_fold_and_logs_subject_level_figures(tmp_pat
     assert len(summary["subjects"]) == 6  # each held out once, in one of the two folds
     assert {s["fold"] for s in summary["subjects"]} == {0, 1}
     assert "balanced accuracy" in proc.stderr and "over 6 subjects" in proc.stderr
+    # the deep-feature classifier: fitted per fold on that fold's backbone, same subjects
+    assert m["cv/features/logistic_regression/n_test"] == 48
+    assert m["cv/features/logistic_regression/n_subjects"] == 6
+    assert 0.0 <= m["cv/features/logistic_regression/balanced_accuracy"] <= 1.0
 
     import mlflow
 

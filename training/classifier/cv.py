@@ -134,12 +134,12 @@ def subject_cv(
                        for n in feature_classifiers}
 
         def _feature_fold(model: Any, train: np.ndarray, test: np.ndarray) -> None:
-            from training.classifier.classical import CLASSIFIERS, fit_predict_proba
-            from training.classifier.features import (
-                _feature_model,
-                default_feature_layer,
+            from training.classifier.classical import (
+                CLASSIFIERS,
                 extract_features,
+                fit_predict_proba,
             )
+            from training.classifier.features import _feature_model, default_feature_layer
             from training.classifier.inputs import make_dataset
 
             extractor = _feature_model(model, default_feature_layer(architecture))
