@@ -125,6 +125,11 @@ class ClassifierConfig(_Section):
     dropout: float | None = Field(None, ge=0, lt=1)
     class_weights: bool = True
     segmentation: Literal["none", "otsu"] = "none"
+    # Stain/colour normalisation of every image (training and serving) to a reference fitted
+    # on `stain_fit_images` train cells and stored with the model. Off by default until
+    # leave-subjects-out CV shows it helps (docs/classifier-results.md).
+    stain_normalisation: Literal["none", "reinhard", "macenko"] = "none"
+    stain_fit_images: int = Field(256, ge=1)
     augmentation: AugmentationConfig = AugmentationConfig()
     seed: int = 42
 

@@ -14,10 +14,16 @@ from typing import Any
 
 import numpy as np
 
-from training.preprocess import PreprocessParams, decode_image, preprocess_image
+from training.preprocess import (
+    PreprocessParams,
+    decode_image,
+    fit_stain_reference,
+    preprocess_image,
+)
 
 __all__ = [
-    "augmentation_model", "balanced_class_weights", "load_uint8", "lr_schedule", "make_dataset",
+    "augmentation_model", "balanced_class_weights", "fit_preprocess", "load_uint8",
+    "lr_schedule", "make_dataset",
 ]
 
 _MEMORY_CACHE_BYTES = 4 * 2**30  # above this the decoded images are cached to a file
@@ -28,6 +34,24 @@ def load_uint8(path: str, params: PreprocessParams) -> np.ndarray:
     with open(path, "rb") as fh:
         arr = preprocess_image(decode_image(fh.read()), params)
     return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+
+
+def fit_preprocess(hp: dict[str, Any], train_paths: Sequence[str]) -> PreprocessParams:
+    """The model's preprocessing, with its stain reference fitted on train cells only.
+
+    ``hp["stain_fit_images"]`` cells, evenly spaced over the train rows (deterministic), are
+    preprocessed without normalisation and the reference of ``hp["stain_normalisation"]`` is
+    fitted on their foreground; it travels with the model, so serving never refits.
+    """
+    base = PreprocessParams(int(hp["image_size"]), hp["source_size"], hp["segmentation"])
+    method = hp.get("stain_normalisation") or "none"
+    if method == "none":
+        return base
+    n = min(len(train_paths), int(hp.get("stain_fit_images") or 256))
+    picks = np.linspace(0, len(train_paths) - 1, n).round().astype(int) if n else []
+    images = [load_uint8(train_paths[i], base) for i in sorted(set(picks))]
+    return PreprocessParams(base.image_size, base.source_size, base.segmentation, method,
+                            fit_stain_reference(images, method))
 
 
 def balanced_class_weights(y: np.ndarray, n_classes: int) -> dict[int, float]:

@@ -232,7 +232,7 @@ def _paired(cfg: Config, y_true: np.ndarray, y_prob: np.ndarray, champion: pd.Da
 
 def _pip_requirements() -> list[str]:
     return pinned_requirements(
-        ("mlflow", "tensorflow-cpu", "keras", "numpy", "pillow", "pyyaml", "pandas"))
+        ("mlflow", "tensorflow-cpu", "keras", "numpy", "pillow", "pyyaml", "pandas", "torchstain"))
 
 
 def _flat_params(hp: dict[str, Any]) -> dict[str, Any]:
@@ -353,7 +353,9 @@ def train_and_evaluate(
                        parent_run_id=parent_run_id, tags=tags,
                        extra_tags={"paper": spec.paper}) as run:
         keras.utils.set_random_seed(int(hp["seed"]))
-        params = PreprocessParams(int(hp["image_size"]), hp["source_size"], hp["segmentation"])
+        from training.classifier.inputs import fit_preprocess
+
+        params = fit_preprocess(hp, list(part["train"]["path"]))
         model = build_model(architecture, len(classes), hp)
         total, trainable = count_params(model)
         log.info("training %s (%d params, %d trainable) on %s", architecture, total, trainable,
