@@ -106,6 +106,13 @@ class AugmentationConfig(_Section):
     height_shift: float = 0.2
     horizontal_flip: bool = True
     vertical_flip: bool = True
+    # Colour jitter beside the paper's geometric augmentation, per training image. Off (0) by
+    # default: the papers train without it, and whether it helps on unseen subjects is what
+    # leave-subjects-out CV measures (docs/classifier-results.md); 0.02/0.1/0.1/0.1 is mild.
+    hue: float = Field(0.0, ge=0, le=0.5)  # largest hue shift, fraction of the colour circle
+    saturation: float = Field(0.0, ge=0, lt=1)  # factor drawn from [1 - v, 1 + v]
+    brightness: float = Field(0.0, ge=0, lt=1)
+    contrast: float = Field(0.0, ge=0, lt=1)
 
 
 class ClassifierConfig(_Section):

@@ -22,8 +22,8 @@ from training.preprocess import (
 )
 
 __all__ = [
-    "augmentation_model", "balanced_class_weights", "fit_preprocess", "load_uint8",
-    "lr_schedule", "make_dataset",
+    "augmentation_model", "balanced_class_weights", "colour_jitter", "fit_preprocess",
+    "load_uint8", "lr_schedule", "make_dataset",
 ]
 
 _MEMORY_CACHE_BYTES = 4 * 2**30  # above this the decoded images are cached to a file
@@ -102,6 +102,46 @@ def augmentation_model(aug: dict[str, Any], seed: int) -> Any | None:
     return keras.Sequential(layers, name="augmentation") if layers else None
 
 
+def colour_jitter(aug: dict[str, Any], seed: int) -> Callable[[Any], Any] | None:
+    """Per-image hue, saturation, brightness and contrast jitter (training batches only).
+
+    ``hue``: the largest shift as a fraction of the colour circle (<= 0.5); ``saturation``,
+    ``brightness``, ``contrast``: a factor drawn from ``[1 - v, 1 + v]``. Brightness scales
+    and contrast stretches around the cell's own mean, both on the cell's pixels only: a
+    black border that turned grey would be a cue no real image has. Returns None when every
+    range is zero (the default: the papers' recipe is geometric only; whether colour jitter
+    helps on unseen subjects is what leave-subjects-out CV measures).
+    """
+    if not aug.get("enabled", True):
+        return None
+    hue, sat = float(aug.get("hue") or 0.0), float(aug.get("saturation") or 0.0)
+    bright, contrast = float(aug.get("brightness") or 0.0), float(aug.get("contrast") or 0.0)
+    if not (hue or sat or bright or contrast):
+        return None
+    import tensorflow as tf
+
+    def factor(v: float, op_seed: int) -> Any:
+        return tf.random.uniform([], 1.0 - v, 1.0 + v, seed=seed + op_seed)
+
+    def jitter(img: Any) -> Any:
+        x = tf.cast(img, tf.float32) / 255.0
+        cell = tf.cast(tf.reduce_max(x, axis=-1, keepdims=True) > 12.0 / 255.0, tf.float32)
+        if hue:
+            x = tf.image.adjust_hue(x, tf.random.uniform([], -hue, hue, seed=seed + 11))
+        if sat:
+            x = tf.image.adjust_saturation(x, factor(sat, 12))
+        if bright:
+            x = x * factor(bright, 13)
+        if contrast:
+            area = tf.maximum(tf.reduce_sum(cell), 1.0)
+            mean = tf.reduce_sum(x * cell, axis=[0, 1], keepdims=True) / area
+            x = (x - mean) * factor(contrast, 14) + mean
+        x = tf.clip_by_value(x, 0.0, 1.0) * cell  # the border stays black
+        return x * 255.0
+
+    return jitter
+
+
 def make_dataset(
     paths: Sequence[str],
     labels: np.ndarray | None,
@@ -112,6 +152,7 @@ def make_dataset(
     training: bool = False,
     seed: int = 0,
     augment: Any | None = None,
+    colour: Callable[[Any], Any] | None = None,
     cache: bool = True,
     cache_file: str | None = None,
 ) -> Any:
@@ -119,8 +160,9 @@ def make_dataset(
 
     Decoding runs in parallel (AUTOTUNE), the decoded images are cached (``cache``; in memory,
     or in ``cache_file`` when they would not fit), training data is reshuffled every epoch with
-    a seeded order and augmented; order is kept otherwise, so predictions line up with
-    ``paths``. With ``labels=None`` the elements are images only.
+    a seeded order and augmented (``colour``: :func:`colour_jitter`, per image;
+    ``augment``: the geometric layers, per batch); order is kept otherwise, so predictions
+    line up with ``paths``. With ``labels=None`` the elements are images only.
     """
     import tensorflow as tf
 
@@ -146,6 +188,8 @@ def make_dataset(
     if training:
         buffer = min(len(paths), max(1024, 8 * batch_size))
         ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+        if colour is not None and labels is not None:
+            ds = ds.map(lambda x, y: (colour(x), y), num_parallel_calls=autotune)
     ds = ds.batch(batch_size)
 
     def to_float(*item: Any) -> Any:

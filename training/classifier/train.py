@@ -283,6 +283,7 @@ def _fit(model: Any, hp: dict[str, Any], part: dict[str, pd.DataFrame],
     from training.classifier.inputs import (
         augmentation_model,
         balanced_class_weights,
+        colour_jitter,
         lr_schedule,
         make_dataset,
     )
@@ -293,7 +294,7 @@ def _fit(model: Any, hp: dict[str, Any], part: dict[str, pd.DataFrame],
     train_ds = make_dataset(
         train_paths, y["train"], n_classes, params, batch_size=batch_size, training=True,
         seed=seed, augment=augmentation_model(hp["augmentation"], seed),
-        cache_file=str(work / "train.cache"))
+        colour=colour_jitter(hp["augmentation"], seed), cache_file=str(work / "train.cache"))
     val_ds = (make_dataset(list(part["val"]["path"]), y["val"], n_classes, params,
                            batch_size=batch_size, cache_file=str(work / "val.cache"))
               if len(part["val"]) else None)
