@@ -131,6 +131,9 @@ class ClassifierConfig(_Section):
     loss: str | None = None  # categorical_crossentropy | mse
     dropout: float | None = Field(None, ge=0, lt=1)
     class_weights: bool = True
+    # Weight images so each subject of a class counts equally (on top of class_weights); off
+    # by default: the papers weight classes only.
+    balance_subjects: bool = False
     segmentation: Literal["none", "otsu"] = "none"
     # Stain/colour normalisation of every image (training and serving) to a reference fitted
     # on `stain_fit_images` train cells and stored with the model. Off by default until

@@ -1,4 +1,5 @@
-"""Colour jitter: it changes training batches, never the evaluation or serving path.
+"""Colour jitter: it changes training batches, never the evaluation or serving path; sample
+weights (class balancing by subject) travel through the same training pipeline.
 
 The TensorFlow part runs in a subprocess (this file executed as a script): TF and torch
 segfault in one process, and pytest may collect torch tests beside these.
@@ -59,9 +60,30 @@ def _probe(work: Path) -> dict:  # pragma: no cover - runs in the subprocess
             border[int(np.argmin(np.abs(raw - img).sum(axis=(1, 2, 3))))]
             for img in plain_train])]).max()),
         "range": [float(jittered.min()), float(jittered.max())],
+        "weights": _weights_probe(paths, y, params, jitter),
         "off": colour_jitter({"enabled": True}, 0) is None,
         "disabled": colour_jitter({**JITTER, "enabled": False}, 0) is None,
     }
+
+
+def _weights_probe(paths, y, params, jitter) -> dict:  # pragma: no cover - subprocess
+    """Per-image weights reach Keras as the third element, and a fit step accepts them."""
+    import keras
+
+    from training.classifier.inputs import augmentation_model, make_dataset
+
+    w = np.linspace(0.5, 2.0, len(paths)).astype(np.float32)
+    ds = make_dataset(paths, y, 2, params, batch_size=4, training=True, seed=2, cache=False,
+                      colour=jitter, weights=w, augment=augmentation_model({"rotation": 10}, 2))
+    seen = sorted(float(v) for *_, wb in ds for v in np.asarray(wb))
+    inp = keras.Input((SIZE, SIZE, 3))
+    out = keras.layers.Dense(2, activation="softmax")(
+        keras.layers.GlobalAveragePooling2D()(inp))
+    model = keras.Model(inp, out)
+    model.compile("adam", "categorical_crossentropy")
+    history = model.fit(ds, epochs=1, verbose=0)
+    return {"arity": len(ds.element_spec), "seen": seen, "expected": sorted(map(float, w)),
+            "loss_finite": bool(np.isfinite(history.history["loss"][0]))}
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +110,12 @@ def test_the_black_border_stays_black(report: dict) -> None:
 def test_evaluation_batches_ignore_colour_jitter(report: dict) -> None:
     """val/test/serving pixels are the shared preprocessing's, jitter or not."""
     assert report["eval_equal"], report
+
+
+def test_sample_weights_reach_training(report: dict) -> None:
+    w = report["weights"]
+    assert w["arity"] == 3 and w["loss_finite"]
+    assert w["seen"] == pytest.approx(w["expected"])
 
 
 def test_colour_jitter_is_off_by_default(report: dict) -> None:

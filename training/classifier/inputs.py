@@ -23,7 +23,7 @@ from training.preprocess import (
 
 __all__ = [
     "augmentation_model", "balanced_class_weights", "colour_jitter", "fit_preprocess",
-    "load_uint8", "lr_schedule", "make_dataset",
+    "load_uint8", "lr_schedule", "make_dataset", "subject_balanced_weights",
 ]
 
 _MEMORY_CACHE_BYTES = 4 * 2**30  # above this the decoded images are cached to a file
@@ -60,6 +60,35 @@ def balanced_class_weights(y: np.ndarray, n_classes: int) -> dict[int, float]:
     present = counts > 0
     k = int(present.sum())
     return {c: float(len(y) / (k * counts[c])) for c in range(n_classes) if present[c]}
+
+
+def subject_balanced_weights(y: np.ndarray, subjects: Sequence[Any], n_classes: int,
+                             balance_classes: bool = True) -> np.ndarray:
+    """Per-image weights so each subject of a class counts equally (mean weight 1).
+
+    A subject with 600 cells otherwise teaches the model its own colour cast 600 times and a
+    subject with 20 cells barely at all. Within a class every subject gets the same total
+    weight, shared by its cells; with ``balance_classes`` every class gets the same total
+    (:func:`balanced_class_weights`' rule), else its share of the images. A missing subject
+    id (NaN/None/"") counts the image as a subject of its own.
+    """
+    y = np.asarray(y, dtype=np.int64)
+    keys = [f"\0image{i}" if s is None or (isinstance(s, float) and np.isnan(s)) or s == ""
+            else str(s) for i, s in enumerate(subjects)]
+    if len(keys) != len(y):
+        raise ValueError(f"{len(y)} labels but {len(keys)} subject ids")
+    n = len(y)
+    counts = np.bincount(y, minlength=n_classes)
+    k = int((counts > 0).sum())
+    per_pair: dict[tuple[int, str], int] = {}
+    for c, s in zip(y, keys, strict=True):
+        per_pair[(int(c), s)] = per_pair.get((int(c), s), 0) + 1
+    subjects_of = np.bincount([c for c, _ in per_pair], minlength=n_classes)
+    weights = np.empty(n, dtype=np.float64)
+    for i, (c, s) in enumerate(zip(y, keys, strict=True)):
+        class_total = n / k if balance_classes else counts[c]
+        weights[i] = class_total / subjects_of[c] / per_pair[(int(c), s)]
+    return weights
 
 
 def lr_schedule(hp: dict[str, Any]) -> Callable[[int, float], float]:
@@ -153,6 +182,7 @@ def make_dataset(
     seed: int = 0,
     augment: Any | None = None,
     colour: Callable[[Any], Any] | None = None,
+    weights: np.ndarray | None = None,
     cache: bool = True,
     cache_file: str | None = None,
 ) -> Any:
@@ -162,7 +192,9 @@ def make_dataset(
     or in ``cache_file`` when they would not fit), training data is reshuffled every epoch with
     a seeded order and augmented (``colour``: :func:`colour_jitter`, per image;
     ``augment``: the geometric layers, per batch); order is kept otherwise, so predictions
-    line up with ``paths``. With ``labels=None`` the elements are images only.
+    line up with ``paths``. With ``labels=None`` the elements are images only; with
+    ``weights`` (per image, e.g. :func:`subject_balanced_weights`) they are
+    ``(images, labels, weights)``, which Keras reads as sample weights.
     """
     import tensorflow as tf
 
@@ -181,7 +213,11 @@ def make_dataset(
     ds = ds.map(decode, num_parallel_calls=autotune)
     if labels is not None:
         onehot = np.eye(n_classes, dtype=np.float32)[np.asarray(labels, dtype=np.int64)]
-        ds = tf.data.Dataset.zip((ds, tf.data.Dataset.from_tensor_slices(onehot)))
+        parts = [ds, tf.data.Dataset.from_tensor_slices(onehot)]
+        if weights is not None:
+            parts.append(tf.data.Dataset.from_tensor_slices(
+                np.asarray(weights, dtype=np.float32)))
+        ds = tf.data.Dataset.zip(tuple(parts))
     if cache:
         fits_memory = len(paths) * size * size * 3 <= _MEMORY_CACHE_BYTES
         ds = ds.cache() if fits_memory or not cache_file else ds.cache(cache_file)
@@ -189,15 +225,16 @@ def make_dataset(
         buffer = min(len(paths), max(1024, 8 * batch_size))
         ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
         if colour is not None and labels is not None:
-            ds = ds.map(lambda x, y: (colour(x), y), num_parallel_calls=autotune)
+            ds = ds.map(lambda x, *rest: (colour(x), *rest), num_parallel_calls=autotune)
     ds = ds.batch(batch_size)
 
     def to_float(*item: Any) -> Any:
         x = tf.cast(item[0], tf.float32)
-        return (x, item[1]) if len(item) == 2 else x
+        return (x, *item[1:]) if len(item) > 1 else x
 
     ds = ds.map(to_float, num_parallel_calls=autotune)
     if training and augment is not None and labels is not None:
-        ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=autotune)
+        ds = ds.map(lambda x, *rest: (augment(x, training=True), *rest),
+                    num_parallel_calls=autotune)
     return ds.prefetch(autotune)
 
