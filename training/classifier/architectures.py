@@ -269,7 +269,9 @@ def resolve_hparams(cfg: Config, name: str) -> dict[str, Any]:
         )
     if c.weights and c.weights != "imagenet":
         _weights_file(c.weights)  # a missing file fails now, not after the data is read
-    hp.update(weights=c.weights, class_weights=c.class_weights, segmentation=c.segmentation,
+    hp.update(weights=c.weights, class_weights=c.class_weights,
+              balance_subjects=c.balance_subjects, segmentation=c.segmentation,
+              stain_normalisation=c.stain_normalisation, stain_fit_images=c.stain_fit_images,
               seed=c.seed, augmentation=c.augmentation.model_dump())
     return hp
 

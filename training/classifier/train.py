@@ -236,7 +236,7 @@ def _paired(cfg: Config, y_true: np.ndarray, y_prob: np.ndarray, champion: pd.Da
 
 def _pip_requirements() -> list[str]:
     return pinned_requirements(
-        ("mlflow", "tensorflow-cpu", "keras", "numpy", "pillow", "pyyaml", "pandas"))
+        ("mlflow", "tensorflow-cpu", "keras", "numpy", "pillow", "pyyaml", "pandas", "torchstain"))
 
 
 def _flat_params(hp: dict[str, Any]) -> dict[str, Any]:
@@ -287,21 +287,28 @@ def _fit(model: Any, hp: dict[str, Any], part: dict[str, pd.DataFrame],
     from training.classifier.inputs import (
         augmentation_model,
         balanced_class_weights,
+        colour_jitter,
         lr_schedule,
         make_dataset,
+        subject_balanced_weights,
     )
 
     seed, batch_size = int(hp["seed"]), int(hp["batch_size"])
     n_classes = int(model.output_shape[-1])
     train_paths = list(part["train"]["path"])
+    weights = (subject_balanced_weights(y["train"], list(part["train"]["subject_id"]),
+                                        n_classes, balance_classes=bool(hp["class_weights"]))
+               if hp.get("balance_subjects") else None)
     train_ds = make_dataset(
         train_paths, y["train"], n_classes, params, batch_size=batch_size, training=True,
         seed=seed, augment=augmentation_model(hp["augmentation"], seed),
+        colour=colour_jitter(hp["augmentation"], seed), weights=weights,
         cache_file=str(work / "train.cache"))
     val_ds = (make_dataset(list(part["val"]["path"]), y["val"], n_classes, params,
                            batch_size=batch_size, cache_file=str(work / "val.cache"))
               if len(part["val"]) else None)
-    class_weight = balanced_class_weights(y["train"], n_classes) if hp["class_weights"] else None
+    class_weight = (balanced_class_weights(y["train"], n_classes)
+                    if hp["class_weights"] and weights is None else None)  # else in weights
     try:
         model.fit(train_ds, validation_data=val_ds, epochs=int(hp["epochs"]),
                   class_weight=class_weight, shuffle=False, verbose=2, callbacks=[
@@ -361,7 +368,9 @@ def train_and_evaluate(
                        parent_run_id=parent_run_id, tags=tags,
                        extra_tags={"paper": spec.paper}) as run:
         keras.utils.set_random_seed(int(hp["seed"]))
-        params = PreprocessParams(int(hp["image_size"]), hp["source_size"], hp["segmentation"])
+        from training.classifier.inputs import fit_preprocess
+
+        params = fit_preprocess(hp, list(part["train"]["path"]))
         model = build_model(architecture, len(classes), hp)
         total, trainable = count_params(model)
         log.info("training %s (%d params, %d trainable) on %s", architecture, total, trainable,
