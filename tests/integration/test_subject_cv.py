@@ -29,6 +29,7 @@ def test_cli_cv_retrains_per_subject_fold_and_logs_subject_level_figures(tmp_pat
           image_size: 32
           epochs: 1
           batch_size: 8
+          stain_normalisation: reinhard  # its reference fitted per fold on training cells
     """))
     version = _curate_cells(home)  # 3 subjects per class, 8 cells each
     proc = subprocess.run(
@@ -59,6 +60,7 @@ def test_cli_cv_retrains_per_subject_fold_and_logs_subject_level_figures(tmp_pat
     client = mlflow.MlflowClient()
     run = client.get_run(summary["run_id"])
     assert run.data.tags["leukoflow_role"] == "subject_cv"
+    assert run.data.params["stain_normalisation"] == "reinhard"
     assert run.data.metrics["cv/balanced_accuracy"] == pytest.approx(m["cv/balanced_accuracy"])
     folds = client.search_runs([run.info.experiment_id],
                                f"tags.mlflow.parentRunId = '{run.info.run_id}'")

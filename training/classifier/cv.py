@@ -76,7 +76,8 @@ def subject_cv(
 
     from training.classifier.architectures import build_model, resolve_hparams
     from training.classifier.classical import CLASSIFIERS
-    from training.classifier.train import _cells, _fit, _probabilities
+    from training.classifier.inputs import fit_preprocess
+    from training.classifier.train import _cells, _fit, _flat_params, _probabilities
     from training.evaluation.metrics import subject_groups
     from training.evaluation.subject_cv import cross_validate, pooled_metrics
     from training.tracking import configure_mlflow
@@ -101,7 +102,6 @@ def subject_cv(
     if groups is None:
         groups = np.array([f"row:{i}" for i in range(len(cells))])
         log.warning("no cell names a subject: the CV folds are cells, not patients")
-    params = PreprocessParams(int(hp["image_size"]), hp["source_size"], hp["segmentation"])
     batch_size = int(hp["batch_size"])
     k = int(folds or cfg.cv.folds)
 
@@ -114,12 +114,14 @@ def subject_cv(
         work = cfg.runs_dir / "cv" / run.info.run_id
         work.mkdir(parents=True, exist_ok=True)
         mlflow.log_params({"architecture": architecture, "cv.folds": k,
-                           "epochs": hp["epochs"], "image_size": hp["image_size"],
-                           "n_cells": len(cells), "classes": ",".join(classes)})
+                           "n_cells": len(cells), "classes": ",".join(classes),
+                           **_flat_params(hp)})
 
         def fit_predict(i: int, train: np.ndarray, test: np.ndarray) -> np.ndarray:
             keras.backend.clear_session()
             keras.utils.set_random_seed(int(hp["seed"]) + i)
+            # the stain reference (if any) from this fold's training cells: never its test ones
+            params = fit_preprocess(hp, list(cells["path"].iloc[train]))
             part = {"train": cells.iloc[train], "val": cells.iloc[[]]}
             labels = {"train": y[train], "val": y[[]]}
             model = build_model(architecture, len(classes), hp)
@@ -127,13 +129,14 @@ def subject_cv(
                                   nested=True, tags={"leukoflow_role": "subject_cv_fold"}) as f:
                 _fit(model, hp, part, labels, params, work, f.info.run_id)
             if feature_classifiers:
-                _feature_fold(model, train, test)
+                _feature_fold(model, params, train, test)
             return _probabilities(model, list(cells["path"].iloc[test]), params, batch_size)
 
         feature_oof = {n: np.full((len(cells), len(classes)), np.nan)
                        for n in feature_classifiers}
 
-        def _feature_fold(model: Any, train: np.ndarray, test: np.ndarray) -> None:
+        def _feature_fold(model: Any, params: PreprocessParams, train: np.ndarray,
+                          test: np.ndarray) -> None:
             from training.classifier.classical import (
                 CLASSIFIERS,
                 extract_features,
