@@ -140,6 +140,11 @@ class ClassifierConfig(_Section):
     # leave-subjects-out CV shows it helps (docs/classifier-results.md).
     stain_normalisation: Literal["none", "reinhard", "macenko"] = "none"
     stain_fit_images: int = Field(256, ge=1)
+    # The hand-crafted baseline (training.classifier.handcrafted) is fitted and scored on the
+    # train/test rows of every Keras candidate (`baseline/*` metrics; gate.must_beat_baseline)
+    # with this classical classifier; it is also the architecture `handcrafted_baseline`.
+    baseline: bool = True
+    baseline_model: str = "logistic_regression"
     augmentation: AugmentationConfig = AugmentationConfig()
     seed: int = 42
 
@@ -176,6 +181,9 @@ class GateConfig(_Section):
     # CI must exceed min_improvement, so noise alone never replaces a champion.
     require_paired_improvement: bool = False
     min_improvement: float = Field(0.0, ge=-1, le=1)
+    # A classifier whose gated metric is not above the hand-crafted baseline's on the same
+    # test rows is refused (the baseline itself is exempt).
+    must_beat_baseline: bool = True
 
 
 class PipelineConfig(_Section):
