@@ -140,6 +140,11 @@ class ClassifierConfig(_Section):
     # leave-subjects-out CV shows it helps (docs/classifier-results.md).
     stain_normalisation: Literal["none", "reinhard", "macenko"] = "none"
     stain_fit_images: int = Field(256, ge=1)
+    # The hand-crafted baseline (training.classifier.handcrafted) is fitted and scored on the
+    # train/test rows of every Keras candidate (`baseline/*` metrics; gate.must_beat_baseline)
+    # with this classical classifier; it is also the architecture `handcrafted_baseline`.
+    baseline: bool = True
+    baseline_model: str = "logistic_regression"
     augmentation: AugmentationConfig = AugmentationConfig()
     seed: int = 42
 
@@ -181,6 +186,9 @@ class GateConfig(_Section):
     # Counted from the candidate's n_subjects_test__<class> metrics (cell data with subject ids).
     min_test_subjects_per_class: int = Field(3, ge=0)
     allow_few_subjects: bool = False  # promote anyway (synthetic demo data), the reason says so
+    # A classifier whose gated metric is not above the hand-crafted baseline's on the same
+    # test rows is refused (the baseline itself is exempt).
+    must_beat_baseline: bool = True
 
 
 class CvConfig(_Section):

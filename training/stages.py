@@ -26,8 +26,8 @@ from training.lineage import lineage_tags
 from training.records import Candidate, Promotion
 
 __all__ = [
-    "config_env", "curated_dataset", "discover", "promote_best", "publish", "rollback",
-    "start_parent_run", "subject_cv", "train", "validate",
+    "baseline_rows", "config_env", "curated_dataset", "discover", "promote_best", "publish",
+    "rollback", "start_parent_run", "subject_cv", "train", "validate",
 ]
 
 log = logging.getLogger("leukoflow.stages")
@@ -229,7 +229,8 @@ def log_comparison(cfg: Config, candidates: list[Candidate], parent_run_id: str,
     from training.evaluation.metrics import save_comparison
     from training.tracking import configure_mlflow
 
-    rows = [c.to_dict() for c in candidates if FAMILIES[c.family].compare_architectures]
+    compared = [c for c in candidates if FAMILIES[c.family].compare_architectures]
+    rows = [c.to_dict() for c in compared] + baseline_rows(compared)
     if not rows and not failed:
         return
     configure_mlflow(cfg)
@@ -244,6 +245,24 @@ def log_comparison(cfg: Config, candidates: list[Candidate], parent_run_id: str,
             client.log_artifact(parent_run_id, str(path), "comparison")
         log.info("comparison of %d architecture(s) logged to run %s under comparison/",
                  len(rows), parent_run_id)
+
+
+def baseline_rows(candidates: list[Candidate]) -> list[dict[str, Any]]:
+    """The hand-crafted baseline as comparison rows: one per test set, from the ``baseline/*``
+    metrics a candidate measured on its own rows (none where the baseline is a candidate)."""
+    from training.families import BASELINE_ARCHITECTURE
+
+    own = {c.test_set_sha256 for c in candidates if c.architecture == BASELINE_ARCHITECTURE}
+    rows: dict[str, dict[str, Any]] = {}
+    for c in candidates:
+        base = {k.removeprefix("baseline/"): v for k, v in c.metrics.items()
+                if k.startswith("baseline/")}
+        if base and c.test_set_sha256 not in own and c.test_set_sha256 not in rows:
+            rows[c.test_set_sha256] = {
+                "architecture": f"{BASELINE_ARCHITECTURE} (on the rows of {c.architecture})",
+                "split_kind": c.split_kind, "family": c.family,
+                "metrics": {**base, "train_time_s": base.get("fit_time_s", float("nan"))}}
+    return list(rows.values())
 
 
 def _selection_source(metric: str, cands: list[Candidate]) -> str:

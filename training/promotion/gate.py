@@ -10,10 +10,10 @@ from the config. The verdict is pure: registering and moving aliases is
 from __future__ import annotations
 
 from training.config import Config
-from training.families import get_family
+from training.families import BASELINE_ARCHITECTURE, get_family
 from training.records import Candidate
 
-__all__ = ["gate"]
+__all__ = ["beats_baseline", "gate"]
 
 
 def gate(cfg: Config, candidate: Candidate) -> tuple[bool, list[str]]:
@@ -29,6 +29,9 @@ def gate(cfg: Config, candidate: Candidate) -> tuple[bool, list[str]]:
     enough, subject_reasons = _subjects(cfg, candidate)
     ok = ok and enough
     reasons.extend(subject_reasons)
+    above, why = beats_baseline(cfg, metric, candidate)
+    ok = ok and above
+    reasons.extend(why)
     champ = candidate.champion_metrics
     if candidate.champion_version is None or champ is None:
         reasons.append("no champion yet: the first version that passes the floor becomes champion")
@@ -66,6 +69,30 @@ def _subjects(cfg: Config, candidate: Candidate) -> tuple[bool, list[str]]:
     if cfg.gate.allow_few_subjects:
         return True, [text + " (allowed: gate.allow_few_subjects is on)"]
     return False, [text + " (gate.min_test_subjects_per_class)"]
+
+
+def beats_baseline(cfg: Config, metric: str, candidate: Candidate) -> tuple[bool, list[str]]:
+    """``gate.must_beat_baseline``: the candidate's gated metric must be above the hand-crafted
+    baseline's, fitted on its train rows and scored on its test rows (``baseline/<metric>``).
+
+    Classifiers only (detectors have no such baseline), and not the baseline itself. Every
+    classifier trained with ``classifier.baseline`` on carries the measurement; one without
+    it (the option off, or a record made elsewhere) passes this rule, and the reasons say
+    that it was not measured.
+    """
+    if candidate.family != "classifier" or candidate.architecture == BASELINE_ARCHITECTURE:
+        return True, []
+    key = f"baseline/{metric}"
+    if key not in candidate.metrics:
+        return True, [f"hand-crafted baseline not measured on these rows (no '{key}'): "
+                      "gate.must_beat_baseline not applied"]
+    value, base = candidate.metrics[metric], candidate.metrics[key]
+    above = value > base
+    text = (f"{metric}={value:.4f} {'>' if above else '<='} hand-crafted baseline {base:.4f} "
+            "on the same test rows")
+    if not cfg.gate.must_beat_baseline:
+        return True, [text + " (informational: gate.must_beat_baseline is off)"]
+    return above, [text]
 
 
 def _paired(cfg: Config, metric: str, candidate: Candidate) -> tuple[bool, list[str]]:

@@ -304,6 +304,7 @@ def build_card(cfg: Config, name: str, version: str) -> dict[str, Any]:
         "champion_on_same_test": {k.split("/", 1)[1]: v for k, v in metrics.items()
                                   if k.startswith("champion/") and "__" not in k
                                   and not k.endswith(("_ci_low", "_ci_high"))},
+        "baseline_on_same_test": _baseline_metrics(metrics),
         "lineage": {k: tags[k] for k in lineage_keys if tags.get(k)},
         "params": params,
     }
@@ -326,6 +327,13 @@ def _patients(metrics: dict[str, float], data: dict[str, Any]) -> str:
         return ""
     listed = ", ".join(f"{c}: {n}" for c, n in sorted(per_class.items()))
     return f"{int(total)} subject(s) ({listed})"
+
+
+def _baseline_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The hand-crafted baseline fitted and scored on this version's own train/test rows."""
+    return {k.removeprefix("baseline/"): v for k, v in metrics.items()
+            if k.startswith("baseline/") and "__" not in k and not k.startswith("baseline/val/")
+            and not k.endswith(("_ci_low", "_ci_high"))}
 
 
 # ------------------------------------------------------------------------- rendering
@@ -404,6 +412,9 @@ def _sections(card: dict[str, Any]) -> list[tuple[str, str, list[str], list[list
         str(gate["passed"]), f"not recorded ({gate['passed']})")
     champ = card["champion_on_same_test"]
     with_cells = any(r.get("cell_ci_low") is not None for r in card["metrics"]["overall"])
+    base = card.get("baseline_on_same_test") or {}
+    own = {r["metric"]: r["value"] for r in card["metrics"]["overall"]}
+    own.update(card["metrics"]["cost"])
     out = [
         ("Model details", f"{card['model']} version {card['version']} "
          f"({card['family']}, architecture {card['architecture'] or 'n/a'}); MLflow run "
@@ -443,6 +454,13 @@ def _sections(card: dict[str, Any]) -> list[tuple[str, str, list[str], list[list
         ("Champion on the same test rows", "" if champ else
          "There was no champion to compare with.", ["metric", "champion"] if champ else [],
          [[k, _num(v)] for k, v in sorted(champ.items())]),
+        ("Hand-crafted baseline on the same rows",
+         "Colour, texture and shape features with a logistic regression, fitted on this "
+         "version's train rows and scored on its test rows: what the model must beat "
+         "(gate.must_beat_baseline)." if base else
+         "No hand-crafted baseline was measured on these rows.",
+         ["metric", "baseline", "this model"] if base else [],
+         [[k, _num(v), _num(own.get(k))] for k, v in sorted(base.items())]),
         ("Known limitations (measured)", "", ["limitation"],
          [[x] for x in card["limitations"]]),
         ("Lineage", "", ["tag", "value"], [[k, str(v)] for k, v in card["lineage"].items()]),
