@@ -67,3 +67,21 @@ def test_cli_cv_retrains_per_subject_fold_and_logs_subject_level_figures(tmp_pat
     assert len(folds) == 2 and all("train_loss" in f.data.metrics for f in folds)
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "cv")}
     assert {"cv/folds.csv", "cv/subjects.csv", "cv/oof_predictions.csv"} <= arts
+
+
+def test_the_handcrafted_baseline_under_the_same_subject_folds(tmp_path) -> None:
+    """The baseline family goes through the same CV entry (features and a linear model)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "leukoflow.yaml").write_text("classifier:\n  architectures: [handcrafted_baseline]\n")
+    version = _curate_cells(home)
+    out = home / "cv.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.classifier.cv", "--architecture",
+         "handcrafted_baseline", "--dataset-version", str(version), "--folds", "2",
+         "--out", str(out)],
+        cwd=ROOT, env=_child_env(home), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(out.read_text())
+    assert summary["architecture"] == "handcrafted_baseline"
+    assert summary["metrics"]["cv/n_test"] == 48 and summary["metrics"]["cv/n_subjects"] == 6

@@ -3,8 +3,10 @@
 :func:`subject_cv` takes every labelled cell of a curated dataset version (all splits: the CV
 makes its own), deals the subjects into folds (:mod:`training.evaluation.subject_cv`), and
 for each fold builds and trains the architecture from scratch through the same code as a
-candidate (:func:`training.classifier.train._fit`: same preprocessing, augmentation, class
-weights, BatchNorm re-estimation), then predicts the held-out subjects. One MLflow run
+candidate (:func:`training.classifier.train._fit`: same preprocessing, stain reference fitted
+on the fold's training cells, augmentation, class weights, BatchNorm re-estimation; for
+``handcrafted_baseline`` :func:`training.classifier.baseline.fit_handcrafted`), then
+predicts the held-out subjects. One MLflow run
 (nested under the candidate's or the DAG's run when given) holds the pooled ``cv/*`` metrics
 with subject-level CIs, ``cv/folds.csv``, ``cv/subjects.csv``, the out-of-fold predictions and
 the notes; each fold's epochs go to a nested run of their own.
@@ -71,10 +73,10 @@ def subject_cv(
     trained in that fold (never on the held-out subjects), its figures under
     ``cv/features/<name>/``.
     """
-    import keras
     import mlflow
 
-    from training.classifier.architectures import build_model, resolve_hparams
+    from training.classifier.architectures import build_model, get_spec, resolve_hparams
+    from training.classifier.baseline import baseline_hparams, fit_handcrafted, predict_paths
     from training.classifier.classical import CLASSIFIERS
     from training.classifier.inputs import fit_preprocess
     from training.classifier.train import _cells, _fit, _flat_params, _probabilities
@@ -86,7 +88,10 @@ def subject_cv(
     if unknown:
         raise ConfigError(f"unknown feature classifier(s) {unknown}; choose from "
                           f"{sorted(CLASSIFIERS)}")
-    hp = resolve_hparams(cfg, architecture)
+    handcrafted = get_spec(architecture).kind == "handcrafted"
+    if handcrafted and feature_classifiers:
+        raise ConfigError(f"{architecture} has no backbone: feature classifiers need a CNN")
+    hp = baseline_hparams(cfg) if handcrafted else resolve_hparams(cfg, architecture)
     if cfg.cv.epochs is not None:
         hp["epochs"] = cfg.cv.epochs
     if cells is None:
@@ -118,6 +123,12 @@ def subject_cv(
                            **_flat_params(hp)})
 
         def fit_predict(i: int, train: np.ndarray, test: np.ndarray) -> np.ndarray:
+            if handcrafted:  # the stain reference, if any, fitted on the fold's train cells
+                fitted, params, _ = fit_handcrafted(hp, cells.iloc[train], y[train],
+                                                    len(classes))
+                return predict_paths(fitted, list(cells["path"].iloc[test]), params)
+            import keras
+
             keras.backend.clear_session()
             keras.utils.set_random_seed(int(hp["seed"]) + i)
             # the stain reference (if any) from this fold's training cells: never its test ones
