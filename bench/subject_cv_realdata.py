@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = json.loads(out.with_suffix(".cv.json").read_text())
     record = {"variant": args.variant, "dataset": args.dataset, "dataset_version": version,
               "command": " ".join(["python", *sys.argv]), "overrides": overrides,
-              "architecture": args.architecture, "folds": args.folds, "epochs": args.epochs,
-              "image_size": args.image_size, "wall_s": wall,
+              "architecture": args.architecture, "folds_requested": args.folds,
+              "epochs": args.epochs, "image_size": args.image_size, "wall_s": wall,
               "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(start)),
               "load_1min_before": load_before, "load_1min_after": os.getloadavg()[0],
               "machine": f"{platform.processor() or platform.machine()}, "

@@ -28,7 +28,9 @@ def _rows(record: dict[str, Any]) -> list[tuple[str, dict[str, Any], bool]]:
     """(model label, metrics with plain ``<metric>`` keys) for the CNN and each feature model."""
     m = record["metrics"]
     cnn = {k[3:]: v for k, v in m.items() if k.startswith("cv/") and "/" not in k[3:]}
-    label = record.get("label") or f"{record['architecture']} (CNN, {record['variant']})"
+    arch, variant = record["architecture"], record["variant"]
+    label = (f"hand-crafted baseline ({variant})" if arch == "handcrafted_baseline"
+             else f"{arch} (CNN, {variant})")
     out = [(label, cnn, True)] if cnn.get("balanced_accuracy") is not None else []
     names = sorted({k.split("/")[2] for k in m if k.startswith("cv/features/")})
     for name in names:
