@@ -180,7 +180,9 @@ def test_run_has_params_epoch_metrics_and_artifacts(trained: dict) -> None:
     meta = info.metadata
     assert meta["family"] == "classifier" and meta["architecture"] == ARCH
     assert meta["classes"] == CLASSES and meta["positive_class"] == "all"
-    assert meta["preprocess"] == {"image_size": 32, "source_size": 450, "segmentation": "none"}
+    assert meta["preprocess"] == {"image_size": 32, "source_size": 450, "segmentation": "none",
+                                  "stain": "none", "stain_reference": []}
+    assert meta["model_kind"] == "keras"
     # raw images in, preprocessed by the pyfunc itself: no tensor signature to enforce
     assert info.signature is None
 
