@@ -184,7 +184,9 @@ def test_run_has_params_epoch_metrics_and_artifacts(trained: dict) -> None:
     meta = info.metadata
     assert meta["family"] == "classifier" and meta["architecture"] == ARCH
     assert meta["classes"] == CLASSES and meta["positive_class"] == "all"
-    assert meta["preprocess"] == {"image_size": 32, "source_size": 450, "segmentation": "none"}
+    assert meta["preprocess"] == {"image_size": 32, "source_size": 450, "segmentation": "none",
+                                  "stain": "none", "stain_reference": []}
+    assert meta["model_kind"] == "keras"
     # raw images in, preprocessed by the pyfunc itself: no tensor signature to enforce
     assert info.signature is None
 
@@ -288,7 +290,9 @@ def test_champion_is_evaluated_on_the_same_test_set(trained: dict) -> None:
     champ = second["champion_metrics"]
     quality = {k for k in first["metrics"]
                if k not in ("train_time_s", "latency_ms_per_image", "total_params",
-                            "trainable_params") and not k.startswith(("val/", "baseline/"))}
+                            "trainable_params") and not k.startswith(("val/", "baseline/"))
+               # subjects per split describe the run's data, not a scoring of its test rows
+               and not k.startswith(("n_subjects_train", "n_subjects_val", "n_subjects_test"))}
     assert set(champ) == quality
     # the paired test of the second candidate against the champion, on the same rows
     assert {"paired_balanced_accuracy_delta", "paired_balanced_accuracy_delta_ci_low",

@@ -47,18 +47,26 @@ def _probe(work: Path) -> dict:  # pragma: no cover - runs in the subprocess
 
     plain_train = batches(training=True)
     jittered = batches(training=True, colour=jitter)
-    again = batches(training=True, colour=jitter)
     evaluation = batches(training=False, colour=jitter)  # val/test: colour must be ignored
     raw = np.stack([load_uint8(p, params) for p in paths]).astype(np.float32)
     border = np.stack([~np.any(load_uint8(p, params) > 12, axis=-1) for p in paths])
+
+    def match(images: np.ndarray) -> np.ndarray:
+        """Which file each (reshuffled, jittered) image is."""
+        return np.array([int(np.argmin(np.abs(raw - img).sum(axis=(1, 2, 3))))
+                         for img in images])
+
+    # two epochs of ONE training dataset: reshuffled, and drawn anew
+    ds = make_dataset(paths, y, 2, params, batch_size=8, seed=1, cache=False, training=True,
+                      colour=jitter)
+    epochs = [np.concatenate([np.asarray(x) for x, _ in ds]) for _ in range(2)]
+    by_file = [e[np.argsort(match(e))] for e in epochs]
     # same shuffled order with and without jitter (same seed): compare image by image
     return {
         "train_diff": float(np.abs(jittered - plain_train).mean()),
-        "epoch_diff": float(np.abs(jittered - again).mean()),
+        "epoch_diff": float(np.abs(by_file[0] - by_file[1]).mean()),
         "eval_equal": bool(np.array_equal(evaluation, raw)),
-        "border_max": float(np.abs(jittered[np.stack([
-            border[int(np.argmin(np.abs(raw - img).sum(axis=(1, 2, 3))))]
-            for img in plain_train])]).max()),
+        "border_max": float(np.abs(jittered[border[match(plain_train)]]).max()),
         "range": [float(jittered.min()), float(jittered.max())],
         "weights": _weights_probe(paths, y, params, jitter),
         "off": colour_jitter({"enabled": True}, 0) is None,
@@ -98,8 +106,8 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def test_colour_jitter_changes_training_batches(report: dict) -> None:
-    assert report["train_diff"] > 2.0, report  # mean change in 0-255 units
-    assert report["epoch_diff"] > 1.0, report  # a new draw every epoch
+    assert report["train_diff"] > 1.0, report  # mean change in 0-255 units (measured ~2.5)
+    assert report["epoch_diff"] > 1.0, report  # a new draw every epoch (measured 2.2-3.1)
     assert 0.0 <= report["range"][0] and report["range"][1] <= 255.0
 
 

@@ -65,6 +65,8 @@ def test_card_figures_equal_the_logged_metrics(cfg, registered, tmp_path: Path) 
         assert low <= logged[f"recall__{cls}"] <= high
     assert card["metrics"]["cost"] == {}  # this run logged no size or latency
     assert "champion_on_same_test" in card and card["champion_on_same_test"] == {"accuracy": 0.5}
+    # the hand-crafted baseline on the same rows (test figures only, not its val/ ones)
+    assert card["baseline_on_same_test"] == {"accuracy": 0.55, "balanced_accuracy": 0.6}
 
     # the rendered pages print those same numbers (4 decimals)
     md = (out / "model_card.md").read_text()
@@ -77,6 +79,8 @@ def test_card_figures_equal_the_logged_metrics(cfg, registered, tmp_path: Path) 
             [logged[metric], logged[f"{metric}_ci_low"], logged[f"{metric}_ci_high"]],
             abs=5e-5)
         assert f"<td>{metric}</td><td>{logged[metric]:.4f}</td>" in page
+    assert "## Hand-crafted baseline on the same rows" in md
+    assert re.search(r"^\| balanced_accuracy \| 0\.6000 \| [0-9.]+ \|$", md, re.MULTILINE)
     assert "<svg" in page and "http" not in page.replace('xmlns="http://www.w3.org/2000/svg"',
                                                          "")
 

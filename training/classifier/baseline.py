@@ -37,6 +37,8 @@ __all__ = ["BASELINE_ARCHITECTURE", "baseline_hparams", "baseline_metrics", "fea
 log = logging.getLogger(__name__)
 
 PREFIX = "baseline/"
+_KERAS_ONLY = ("epochs", "learning_rate", "learning_rate_after", "lr_drop_epoch", "optimizer",
+               "loss", "dropout", "weights", "augmentation")
 
 
 def baseline_hparams(cfg: Config) -> dict[str, Any]:
@@ -48,7 +50,10 @@ def baseline_hparams(cfg: Config) -> dict[str, Any]:
     if name not in CLASSIFIERS:
         raise ConfigError(f"'classifier.baseline_model' = {name!r} is not a classical "
                           f"classifier: choose from {', '.join(CLASSIFIERS)}")
-    return {**resolve_hparams(cfg, BASELINE_ARCHITECTURE), "baseline_model": name}
+    hp = resolve_hparams(cfg, BASELINE_ARCHITECTURE)
+    for unused in _KERAS_ONLY:  # logged parameters say what trained the model, nothing else
+        hp.pop(unused, None)
+    return {**hp, "baseline_model": name}
 
 
 def features_of_paths(paths: Sequence[str], params: PreprocessParams) -> np.ndarray:

@@ -1,9 +1,10 @@
 """The promotion gate: the verdict on one candidate, with its reasons (TFX's blessing).
 
-Floors first (the gated metric, and enough test subjects per class for the figures to be
-about patients), then non-regression against the champion scored on the same test rows. What
-metric and floor apply comes from the family table (:mod:`training.families`), their values
-from the config. The verdict is pure: registering and moving aliases is
+Floors first (the gated metric; for classifiers the hand-crafted baseline measured on the same
+rows, :func:`beats_baseline`; and enough test subjects per class for the figures to be about
+patients), then non-regression against the champion scored on the same test rows. What metric
+and floor apply comes from the family table (:mod:`training.families`), their values from the
+config. The verdict is pure: registering and moving aliases is
 :mod:`training.promotion.aliases`' job.
 """
 
