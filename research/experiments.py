@@ -242,7 +242,11 @@ def split_summary(cfg: Config, version: int) -> dict[str, Any]:
 
 def majority_row(cfg: Config, version: int) -> dict[str, Any]:
     """The majority-class baseline on the experiment's test rows, with bootstrap CIs."""
-    from training.evaluation.metrics import classification_metrics, majority_baseline
+    from training.evaluation.metrics import (
+        classification_metrics,
+        majority_baseline,
+        subject_groups,
+    )
 
     cells = _labelled(cfg, version)
     classes = list(cfg.data.classes)
@@ -253,7 +257,8 @@ def majority_row(cfg: Config, version: int) -> dict[str, Any]:
     constant = np.zeros((int(test.sum()), len(classes)))
     constant[:, int(base["majority_class_index"])] = 1.0
     positive = cfg.data.positive_class if len(classes) == 2 else None
-    metrics = classification_metrics(y[test], constant, classes, positive)
+    metrics = classification_metrics(y[test], constant, classes, positive,
+                                     groups=subject_groups(cells[test]))
     for key in ("accuracy", "balanced_accuracy", "f1_macro"):  # two routes, one answer
         if not math.isclose(metrics[key], base[key], abs_tol=1e-12):
             raise TrainingError(f"majority baseline disagrees with itself on {key}")

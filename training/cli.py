@@ -142,6 +142,36 @@ def train(ctx: click.Context, family: str, architecture: str | None,
     _echo_json(train(cfg, family, architecture=architecture, dataset_version=version))
 
 
+@main.command("cv")
+@click.option("--architecture", default=None, help="Classifier architecture (see models list).")
+@click.option("--dataset-version", type=int, default=None, help="Default: newest.")
+@click.option("--folds", type=int, default=None, help="Subject folds (default: cv.folds).")
+@click.option("--feature-classifiers", default="",
+              help="Comma-separated classical classifiers fitted on each fold's backbone "
+                   "features (the deep-feature sweep under the same folds).")
+@click.pass_context
+def cv(ctx: click.Context, architecture: str | None, dataset_version: int | None,
+       folds: int | None, feature_classifiers: str) -> None:
+    """Leave-subjects-out CV of a classifier architecture: retrained per fold in its own
+    process, scored on subjects it never saw (pooled, with subject-level 95 % CIs)."""
+    from training.stages import curated_dataset, subject_cv
+
+    cfg = _cfg(ctx)
+    version = dataset_version or curated_dataset(cfg)["version"]
+    architecture = architecture or get_family("classifier").default_architecture(cfg)
+    summary = subject_cv(cfg, architecture, dataset_version=version, folds=folds,
+                         feature_classifiers=[n for n in feature_classifiers.split(",") if n])
+    m = summary["metrics"]
+    for note in summary["notes"]:
+        click.secho(f"note: {note}", fg="yellow", err=True)
+    click.echo(f"{architecture}, {summary['scheme']} over {int(m['cv/n_subjects'])} subjects: "
+               f"balanced accuracy {m['cv/balanced_accuracy']:.3f} [95% CI over subjects "
+               f"{m.get('cv/balanced_accuracy_ci_low', float('nan')):.3f}, "
+               f"{m.get('cv/balanced_accuracy_ci_high', float('nan')):.3f}] "
+               f"(MLflow run {summary['run_id']})", err=True)
+    _echo_json(summary)
+
+
 @main.group()
 def models() -> None:
     """The classifier architecture registry."""

@@ -106,6 +106,13 @@ class AugmentationConfig(_Section):
     height_shift: float = 0.2
     horizontal_flip: bool = True
     vertical_flip: bool = True
+    # Colour jitter beside the paper's geometric augmentation, per training image. Off (0) by
+    # default: the papers train without it, and whether it helps on unseen subjects is what
+    # leave-subjects-out CV measures (docs/classifier-results.md); 0.02/0.1/0.1/0.1 is mild.
+    hue: float = Field(0.0, ge=0, le=0.5)  # largest hue shift, fraction of the colour circle
+    saturation: float = Field(0.0, ge=0, lt=1)  # factor drawn from [1 - v, 1 + v]
+    brightness: float = Field(0.0, ge=0, lt=1)
+    contrast: float = Field(0.0, ge=0, lt=1)
 
 
 class ClassifierConfig(_Section):
@@ -124,7 +131,20 @@ class ClassifierConfig(_Section):
     loss: str | None = None  # categorical_crossentropy | mse
     dropout: float | None = Field(None, ge=0, lt=1)
     class_weights: bool = True
+    # Weight images so each subject of a class counts equally (on top of class_weights); off
+    # by default: the papers weight classes only.
+    balance_subjects: bool = False
     segmentation: Literal["none", "otsu"] = "none"
+    # Stain/colour normalisation of every image (training and serving) to a reference fitted
+    # on `stain_fit_images` train cells and stored with the model. Off by default until
+    # leave-subjects-out CV shows it helps (docs/classifier-results.md).
+    stain_normalisation: Literal["none", "reinhard", "macenko"] = "none"
+    stain_fit_images: int = Field(256, ge=1)
+    # The hand-crafted baseline (training.classifier.handcrafted) is fitted and scored on the
+    # train/test rows of every Keras candidate (`baseline/*` metrics; gate.must_beat_baseline)
+    # with this classical classifier; it is also the architecture `handcrafted_baseline`.
+    baseline: bool = True
+    baseline_model: str = "logistic_regression"
     augmentation: AugmentationConfig = AugmentationConfig()
     seed: int = 42
 
@@ -161,6 +181,24 @@ class GateConfig(_Section):
     # CI must exceed min_improvement, so noise alone never replaces a champion.
     require_paired_improvement: bool = False
     min_improvement: float = Field(0.0, ge=-1, le=1)
+    # A candidate whose test split holds fewer distinct subjects of some class than this is not
+    # promoted: its figures say how a few patients look, not how the model does on patients.
+    # Counted from the candidate's n_subjects_test__<class> metrics (cell data with subject ids).
+    min_test_subjects_per_class: int = Field(3, ge=0)
+    allow_few_subjects: bool = False  # promote anyway (synthetic demo data), the reason says so
+    # A classifier whose gated metric is not above the hand-crafted baseline's on the same
+    # test rows is refused (the baseline itself is exempt).
+    must_beat_baseline: bool = True
+
+
+class CvConfig(_Section):
+    """Leave-subjects-out CV of a classifier architecture (``training.classifier.cv``)."""
+
+    folds: int = Field(5, ge=2)  # subject folds; no more subjects than this: leave one out
+    # The retrain DAG runs the CV inside each classifier training when the smallest class has
+    # fewer subjects than this (a frozen test split then holds a handful of patients); 0 = never.
+    run_below_subjects_per_class: int = Field(10, ge=0)
+    epochs: int | None = Field(None, ge=1)  # per-fold epochs; None = the candidate's own
 
 
 class PipelineConfig(_Section):
@@ -243,6 +281,7 @@ class Config(BaseSettings):
     classifier: ClassifierConfig = ClassifierConfig()
     detector: DetectorConfig = DetectorConfig()
     gate: GateConfig = GateConfig()
+    cv: CvConfig = CvConfig()
     pipeline: PipelineConfig = PipelineConfig()
     mlflow: MlflowConfig = MlflowConfig()
     serving: ServingConfig = ServingConfig()

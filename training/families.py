@@ -20,7 +20,14 @@ from pathlib import Path
 from training.config import Config
 from training.errors import ConfigError, RegistryError
 
-__all__ = ["FAMILIES", "Family", "family_of_model", "get_family", "read_logged_model"]
+__all__ = [
+    "BASELINE_ARCHITECTURE", "FAMILIES", "Family", "family_of_model", "get_family",
+    "read_logged_model",
+]
+
+# The classifier architecture that is the hand-crafted baseline (training.classifier.handcrafted):
+# the gate's must_beat_baseline rule does not apply to the baseline itself.
+BASELINE_ARCHITECTURE = "handcrafted_baseline"
 
 
 @dataclass(frozen=True)

@@ -128,8 +128,17 @@ def test_candidate_json_has_measured_metrics(trained: dict) -> None:
         assert math.isfinite(m[key]) and 0.0 <= m[key] <= 1.0, (key, m[key])
     assert m["accuracy_ci_low"] <= m["accuracy"] <= m["accuracy_ci_high"]
     assert m["n_test"] == 16  # one subject per class, 8 images each
+    # the intervals resample the 2 test subjects; the cell-level ones are labelled as such
+    assert m["ci_units"] == m["n_subjects"] == m["n_subjects_test"] == 2
+    assert m["n_subjects_test__all"] == m["n_subjects_test__hem"] == 1
+    assert m["n_subjects_train__all"] >= 1 and "accuracy_cell_ci_low" in m
     assert m["train_time_s"] > 0 and m["latency_ms_per_image"] > 0
     assert m["total_params"] >= m["trainable_params"] > 1e6  # VGG16: about 14.7 M
+    # the hand-crafted baseline, fitted on the same train rows and scored on the same test rows
+    for key in ("baseline/accuracy", "baseline/balanced_accuracy", "baseline/roc_auc",
+                "baseline/accuracy_ci_low", "baseline/val/balanced_accuracy"):
+        assert math.isfinite(m[key]) and 0.0 <= m[key] <= 1.0, (key, m[key])
+    assert m["baseline/n_test"] == m["n_test"] and m["baseline/fit_time_s"] > 0
     # stdout's last line is the same record, for callers that read the stream
     assert json.loads(trained["proc"].stdout.strip().splitlines()[-1]) == cand
 
@@ -175,7 +184,9 @@ def test_run_has_params_epoch_metrics_and_artifacts(trained: dict) -> None:
     meta = info.metadata
     assert meta["family"] == "classifier" and meta["architecture"] == ARCH
     assert meta["classes"] == CLASSES and meta["positive_class"] == "all"
-    assert meta["preprocess"] == {"image_size": 32, "source_size": 450, "segmentation": "none"}
+    assert meta["preprocess"] == {"image_size": 32, "source_size": 450, "segmentation": "none",
+                                  "stain": "none", "stain_reference": []}
+    assert meta["model_kind"] == "keras"
     # raw images in, preprocessed by the pyfunc itself: no tensor signature to enforce
     assert info.signature is None
 
@@ -279,7 +290,9 @@ def test_champion_is_evaluated_on_the_same_test_set(trained: dict) -> None:
     champ = second["champion_metrics"]
     quality = {k for k in first["metrics"]
                if k not in ("train_time_s", "latency_ms_per_image", "total_params",
-                            "trainable_params") and not k.startswith("val/")}
+                            "trainable_params") and not k.startswith(("val/", "baseline/"))
+               # subjects per split describe the run's data, not a scoring of its test rows
+               and not k.startswith(("n_subjects_train", "n_subjects_val", "n_subjects_test"))}
     assert set(champ) == quality
     # the paired test of the second candidate against the champion, on the same rows
     assert {"paired_balanced_accuracy_delta", "paired_balanced_accuracy_delta_ci_low",

@@ -224,3 +224,58 @@ def test_comparison_table_and_files(tmp_path) -> None:
     _valid_png(paths[2])
     with pytest.raises(ValueError, match="architecture"):
         comparison_table([{"accuracy": 0.5}])
+
+
+def _subject_signal(n_subjects: int = 10, per_subject: int = 60, seed: int = 3):
+    """Cells whose correctness is a property of their subject: on some patients the model is
+    right on almost every cell, on others wrong on most (what a colour cast does)."""
+    rng = np.random.default_rng(seed)
+    subjects = np.repeat(np.arange(n_subjects), per_subject)
+    y = np.repeat(np.arange(n_subjects) % 2, per_subject)  # one class per subject, as in C-NMC
+    skill = rng.uniform(0.1, 0.95, n_subjects)[subjects]
+    right = rng.random(len(y)) < skill
+    pred = np.where(right, y, 1 - y)
+    p = np.full((len(y), 2), 0.2)
+    p[np.arange(len(y)), pred] = 0.8
+    return y, p, np.array([f"s{s}" for s in subjects])
+
+
+def test_cluster_bootstrap_is_wider_than_the_cell_level_one() -> None:
+    y, p, subjects = _subject_signal()
+    m = classification_metrics(y, p, ["all", "hem"], n_bootstrap=400, groups=subjects)
+    assert m["n_subjects"] == 10 and m["n_subjects__all"] == 5 and m["n_subjects__hem"] == 5
+    assert m["ci_units"] == 10
+    for name in ("accuracy", "balanced_accuracy"):
+        subject_w = m[f"{name}_ci_high"] - m[f"{name}_ci_low"]
+        cell_w = m[f"{name}_cell_ci_high"] - m[f"{name}_cell_ci_low"]
+        assert subject_w > 2 * cell_w, (name, subject_w, cell_w)
+        assert m[f"{name}_ci_low"] <= m[name] <= m[f"{name}_ci_high"]
+    plain = classification_metrics(y, p, ["all", "hem"], n_bootstrap=400)
+    assert plain["accuracy_ci_low"] == m["accuracy_cell_ci_low"]  # the same row resamples
+    assert "n_subjects" not in plain and "ci_units" not in plain
+
+
+def test_grouped_vectorised_intervals_match_the_generic_bootstrap() -> None:
+    y, p, subjects = _subject_signal(n_subjects=7, per_subject=23, seed=4)
+    m = classification_metrics(y, p, ["a", "b"], n_bootstrap=120, seed=5, groups=subjects)
+    low, high = bootstrap_ci(lambda t, q: balanced_accuracy_score(t, q.argmax(1)), y, p, n=120,
+                             seed=5, groups=subjects)
+    assert (m["balanced_accuracy_ci_low"], m["balanced_accuracy_ci_high"]) == pytest.approx(
+        (low, high), abs=1e-12)
+
+
+def test_subject_counts_per_split_and_class() -> None:
+    from training.evaluation.metrics import subject_groups, subjects_per_class
+
+    rows = pd.DataFrame({
+        "split": ["train"] * 4 + ["test"] * 3,
+        "label": ["all", "all", "hem", "hem", "all", "all", "hem"],
+        "subject_id": ["a", "b", "c", "c", "d", "d", None],
+    })
+    counts = subjects_per_class(rows, ["all", "hem"])
+    assert counts == {"n_subjects_test": 2.0, "n_subjects_test__all": 1.0,
+                      "n_subjects_test__hem": 1.0, "n_subjects_train": 3.0,
+                      "n_subjects_train__all": 2.0, "n_subjects_train__hem": 1.0}
+    groups = subject_groups(rows)
+    assert list(groups[-3:]) == ["subject:d", "subject:d", "row:6"]
+    assert subject_groups(rows.assign(subject_id=None)) is None

@@ -68,3 +68,40 @@ def test_resampling_subjects_widens_the_interval_when_subjects_differ() -> None:
         return o["delta_ci_high"] - o["delta_ci_low"]
 
     assert width(grouped) > 2 * width(cells)
+
+
+def _with_subjects(all_: int, hem: int) -> Candidate:
+    cand = _cand(0.82, 0.80, None)
+    cand.metrics |= {"n_subjects_test__all": float(all_), "n_subjects_test__hem": float(hem)}
+    return cand
+
+
+def test_too_few_test_subjects_of_a_class_refuse_the_candidate(cfg) -> None:
+    """C-NMC fold 1's subject split: 2 patients with ALL, 1 healthy donor in the test split."""
+    cfg.gate.min_test_subjects_per_class = 3
+    passed, reasons = gate(cfg, _with_subjects(2, 1))
+    assert not passed
+    text = next(r for r in reasons if "test subjects per class" in r)
+    assert "all: 2, hem: 1" in text and "all, hem below the minimum 3" in text
+    passed, _ = gate(cfg, _with_subjects(3, 3))
+    assert passed
+    cfg.gate.allow_few_subjects = True  # synthetic demo data: promoted, and the reason says so
+    passed, reasons = gate(cfg, _with_subjects(2, 1))
+    assert passed and any("allowed: gate.allow_few_subjects" in r for r in reasons)
+
+
+def test_candidates_without_subjects_are_not_judged_on_them(cfg) -> None:
+    cfg.gate.min_test_subjects_per_class = 3
+    passed, reasons = gate(cfg, _cand(0.82, 0.80, None))
+    assert passed and not any("subjects" in r for r in reasons)
+
+
+def test_the_demo_and_e2e_profiles_allow_their_few_synthetic_subjects() -> None:
+    from pathlib import Path
+
+    from training.config import load_config
+
+    root = Path(__file__).resolve().parents[2]
+    for profile in ("configs/demo.yaml", "tests/e2e/tiny.yaml"):
+        assert load_config(root / profile).gate.allow_few_subjects, profile
+    assert not load_config(root / "configs/leukoflow.yaml").gate.allow_few_subjects

@@ -65,18 +65,22 @@ def test_card_figures_equal_the_logged_metrics(cfg, registered, tmp_path: Path) 
         assert low <= logged[f"recall__{cls}"] <= high
     assert card["metrics"]["cost"] == {}  # this run logged no size or latency
     assert "champion_on_same_test" in card and card["champion_on_same_test"] == {"accuracy": 0.5}
+    # the hand-crafted baseline on the same rows (test figures only, not its val/ ones)
+    assert card["baseline_on_same_test"] == {"accuracy": 0.55, "balanced_accuracy": 0.6}
 
     # the rendered pages print those same numbers (4 decimals)
     md = (out / "model_card.md").read_text()
     page = (out / "model_card.html").read_text()
     for metric in ("accuracy", "balanced_accuracy", "f1_macro"):
-        row = re.search(rf"^\| {metric} \| ([0-9.]+) \| \[([0-9.]+), ([0-9.]+)\] \|$", md,
-                        re.MULTILINE)
+        row = re.search(rf"^\| {metric} \| ([0-9.]+) \| \[([0-9.]+), ([0-9.]+)\] \| "
+                        r"\[[0-9.]+, [0-9.]+\] \|$", md, re.MULTILINE)  # then the cells' CI
         assert row, f"no {metric} row in the markdown card"
         assert [float(x) for x in row.groups()] == pytest.approx(
             [logged[metric], logged[f"{metric}_ci_low"], logged[f"{metric}_ci_high"]],
             abs=5e-5)
         assert f"<td>{metric}</td><td>{logged[metric]:.4f}</td>" in page
+    assert "## Hand-crafted baseline on the same rows" in md
+    assert re.search(r"^\| balanced_accuracy \| 0\.6000 \| [0-9.]+ \|$", md, re.MULTILINE)
     assert "<svg" in page and "http" not in page.replace('xmlns="http://www.w3.org/2000/svg"',
                                                          "")
 
@@ -94,6 +98,13 @@ def test_card_figures_equal_the_logged_metrics(cfg, registered, tmp_path: Path) 
         f"{cfg.gate.classifier_floor:.4f}"]
     assert card["lineage"]["git_sha"] == "abc123"
     assert any("3 distinct donor(s) of class 'hem'" in x for x in card["limitations"])
+    # how many patients the figures rest on, and that the CIs resample them
+    assert card["patients"] == "7 subject(s) (all: 4, hem: 3)"
+    assert overall["ci_units"]["value"] == 7
+    assert "resampling the 7 test subjects" in md and "rest on 7 subject(s)" in md
+    assert any("test image(s) of 7 subject(s)" in x for x in card["limitations"])
+    assert "resampling subjects" in card["metrics"]["per_class_ci_source"]
+    assert overall["accuracy"]["cell_ci_low"] == logged["accuracy_cell_ci_low"]
     assert card["intended_use"] and card["out_of_scope"]
 
 

@@ -22,13 +22,15 @@ from typing import TYPE_CHECKING, Any
 
 from training.config import Config
 from training.errors import ConfigError, TrainingError
+from training.families import BASELINE_ARCHITECTURE
 
 if TYPE_CHECKING:
     import keras
 
 __all__ = [
-    "ARCHITECTURES", "HPARAM_KEYS", "LOSSES", "OPTIMIZERS", "ArchitectureSpec", "build_model",
-    "count_params", "describe_architectures", "get_spec", "resolve_hparams",
+    "ARCHITECTURES", "HPARAM_KEYS", "KERAS_ARCHITECTURES", "LOSSES", "OPTIMIZERS",
+    "ArchitectureSpec", "build_model", "count_params", "describe_architectures", "get_spec",
+    "resolve_hparams",
 ]
 
 # Hyperparameters an architecture sets and the config may override (``classifier.<key>``).
@@ -67,6 +69,9 @@ class ArchitectureSpec:
     min_image_size: int = 32  # the backbone's smallest accepted input
     gradcam_layer: str = ""  # last convolutional feature map, for Grad-CAM
     normalisation: str = ""  # what the graph does to the 0-255 input
+    # "keras": built by `builder`, trained by the Keras loop; "handcrafted": the baseline of
+    # training.classifier.handcrafted (features + scikit-learn; no builder, no Grad-CAM)
+    kind: str = "keras"
 
     def defaults(self) -> dict[str, Any]:
         """The hyperparameters of the paper, as a plain dict."""
@@ -219,7 +224,25 @@ _SPECS = [
         normalisation="Rescaling to [-1, 1] (shared by both backbones)",
     ),
 ]
+
+
+
+def _no_builder(hp: dict[str, Any], n_classes: int) -> Any:
+    raise TrainingError(f"{hp.get('architecture')} is not a Keras model: it has no graph to "
+                        "build (training.classifier.baseline fits it)")
+
+
+_SPECS.append(ArchitectureSpec(
+    name=BASELINE_ARCHITECTURE, builder=_no_builder, kind="handcrafted",
+    paper="hand-crafted baseline (issue 13): foreground colour histograms, nucleus-to-cell "
+          "area ratio, dark-area fraction, shape, GLCM and LBP texture -> "
+          "classifier.baseline_model (logistic regression); CPU only, no GPU needed",
+    image_size=96, min_image_size=16, epochs=1,
+    normalisation="features standardised inside the scikit-learn pipeline",
+))
 ARCHITECTURES: dict[str, ArchitectureSpec] = {s.name: s for s in _SPECS}
+KERAS_ARCHITECTURES: dict[str, ArchitectureSpec] = {
+    n: s for n, s in ARCHITECTURES.items() if s.kind == "keras"}
 
 
 # ------------------------------------------------------------------------------ public API
@@ -269,7 +292,9 @@ def resolve_hparams(cfg: Config, name: str) -> dict[str, Any]:
         )
     if c.weights and c.weights != "imagenet":
         _weights_file(c.weights)  # a missing file fails now, not after the data is read
-    hp.update(weights=c.weights, class_weights=c.class_weights, segmentation=c.segmentation,
+    hp.update(weights=c.weights, class_weights=c.class_weights, kind=spec.kind,
+              balance_subjects=c.balance_subjects, segmentation=c.segmentation,
+              stain_normalisation=c.stain_normalisation, stain_fit_images=c.stain_fit_images,
               seed=c.seed, augmentation=c.augmentation.model_dump())
     return hp
 
@@ -347,6 +372,11 @@ def describe_architectures(image_size: int | None = None, n_classes: int = 2) ->
     rows = []
     for name, spec in ARCHITECTURES.items():
         size = max(image_size or spec.image_size, spec.min_image_size)
+        if spec.kind != "keras":  # its size is that of a fitted linear model, known after fit
+            rows.append({"name": name, "image_size": size, "total_params": None,
+                         "trainable_params": None, "optimizer": "-", "epochs": "-",
+                         "batch_size": "-", "paper": spec.paper})
+            continue
         total, trainable = count_params(build_model(name, n_classes, {"image_size": size}))
         keras.backend.clear_session()
         rows.append({"name": name, "image_size": size, "total_params": total,

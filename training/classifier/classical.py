@@ -139,12 +139,13 @@ def fit_predict_proba(
 def _evaluate(
     name: str, X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray,
     y_test: np.ndarray, classes: Sequence[str], positive_class: str | None, n_bootstrap: int,
+    groups: np.ndarray | None = None,
 ) -> dict[str, float | str]:
     proba, fit_time = fit_predict_proba(
         CLASSIFIERS[name](), X_train, y_train, X_test, len(classes)
     )
     m = classification_metrics(y_test, proba, list(classes), positive_class,
-                               n_bootstrap=n_bootstrap, seed=SEED)
+                               n_bootstrap=n_bootstrap, seed=SEED, groups=groups)
     row: dict[str, float | str] = {"classifier": name}
     row.update({k: m.get(k, math.nan) for k in METRICS})
     row["fit_time_s"] = fit_time
@@ -152,6 +153,9 @@ def _evaluate(
         if n_bootstrap:
             row[f"{k}_ci_low"] = m.get(f"{k}_ci_low", math.nan)
             row[f"{k}_ci_high"] = m.get(f"{k}_ci_high", math.nan)
+    if groups is not None:
+        row["ci_units"] = m.get("ci_units", math.nan)
+        row.update({k: v for k, v in m.items() if k.startswith("n_subjects")})
     return row
 
 
@@ -159,16 +163,19 @@ def sweep(
     X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, y_test: np.ndarray,
     classes: list[str], names: Sequence[str] | None = None, *,
     positive_class: str | None = None, n_bootstrap: int = 1000,
+    groups: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Fit every classifier (or ``names``) on train features, score on test features.
 
     One row per classifier: accuracy, balanced_accuracy, roc_auc, f1_macro, fit_time_s, then
-    the bootstrap 95 % CI bounds of the four metrics (``n_bootstrap=0`` leaves them out).
+    the bootstrap 95 % CI bounds of the four metrics (``n_bootstrap=0`` leaves them out);
+    ``groups`` (the test rows' subjects) makes those intervals resample subjects.
     """
     X_train, X_test = np.asarray(X_train), np.asarray(X_test)
     y_train, y_test = np.asarray(y_train).astype(int), np.asarray(y_test).astype(int)
     rows = [
-        _evaluate(n, X_train, y_train, X_test, y_test, classes, positive_class, n_bootstrap)
+        _evaluate(n, X_train, y_train, X_test, y_test, classes, positive_class, n_bootstrap,
+                  groups)
         for n in _names(names)
     ]
     return pd.DataFrame(rows)

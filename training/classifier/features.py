@@ -113,8 +113,12 @@ def sweep_features(feats: DeepFeatures, names: Sequence[str] | None = None, *,
     if len(X_train) == 0 or len(X_test) == 0:
         raise DataValidationError("the sweep needs train and test rows; the manifest has "
                                   f"{len(X_train)} train and {len(X_test)} test cells")
+    from training.evaluation.metrics import subject_groups
+
+    test_rows = feats.rows[feats.rows["split"] == "test"]
     table = sweep(X_train, y_train, X_test, y_test, feats.classes, names,
-                  positive_class=feats.positive_class, n_bootstrap=n_bootstrap)
+                  positive_class=feats.positive_class, n_bootstrap=n_bootstrap,
+                  groups=subject_groups(test_rows))
     return _describe(table, feats, n_train=len(X_train), n_test=len(X_test))
 
 

@@ -35,11 +35,16 @@ def load_keras_model(path: str | Path) -> Any:
 
 
 def load_classifier(model_dir: Path) -> tuple[Any, dict[str, Any]]:
-    """A logged classifier's Keras model and MLmodel metadata (classes, preprocess, ...).
+    """A logged classifier's model and MLmodel metadata (classes, preprocess, ...).
 
-    ``model_dir`` is a downloaded MLflow model dir (``MLmodel`` + ``artifacts/model.keras``);
+    ``model_dir`` is a downloaded MLflow model dir (``MLmodel`` + ``artifacts/model.keras``,
+    or ``artifacts/baseline.joblib`` for the hand-crafted kind: metadata ``model_kind``);
     the metadata is read as YAML, so no MLflow call is made.
     """
+    if _kind(model_dir) == "handcrafted":
+        from training.classifier.handcrafted import load_handcrafted
+
+        return load_handcrafted(Path(model_dir))
     keras_path, meta = read_logged_model(model_dir, "classifier", "model.keras")
     missing = {"classes", "preprocess"} - set(meta)
     if missing:
@@ -91,6 +96,15 @@ def load_classifier_runtime(model_dir: Path, threads: int = 0) -> tuple[Any, dic
         return load_classifier(model_dir)
     _, meta = read_logged_model(model_dir, "classifier", "model.keras")
     return OnnxClassifier(path, threads), meta
+def _kind(model_dir: Path) -> str:
+    """``model_kind`` of a logged classifier's metadata ("keras" when absent: older models)."""
+    import yaml
+
+    mlmodel = Path(model_dir) / "MLmodel"
+    if not mlmodel.is_file():
+        return "keras"
+    meta = (yaml.safe_load(mlmodel.read_text()) or {}).get("metadata") or {}
+    return str(meta.get("model_kind") or "keras")
 
 
 def predict_array(model: Any, x: Any, batch_size: int = PREDICT_BATCH) -> np.ndarray:
@@ -98,6 +112,8 @@ def predict_array(model: Any, x: Any, batch_size: int = PREDICT_BATCH) -> np.nda
     x = np.asarray(x, dtype=np.float32)
     if x.ndim == 3:
         x = x[None]
+    if getattr(model, "kind", None) == "handcrafted":  # features + scikit-learn, no graph
+        return model.predict_array(x)
     want = tuple(model.input_shape[1:])
     if x.ndim != 4 or any(w is not None and w != g for w, g in zip(want, x.shape[1:],
                                                                    strict=True)):

@@ -16,7 +16,7 @@ from typing import Any
 
 import mlflow.pyfunc
 
-__all__ = ["KerasClassifierModel"]
+__all__ = ["HandcraftedClassifierModel", "KerasClassifierModel"]
 
 
 class KerasClassifierModel(mlflow.pyfunc.PythonModel):
@@ -47,3 +47,14 @@ class KerasClassifierModel(mlflow.pyfunc.PythonModel):
         table.insert(0, "label", [self.classes[i] for i in probs.argmax(axis=1)]
                      if len(probs) else [])
         return table
+
+
+class HandcraftedClassifierModel(KerasClassifierModel):
+    """The hand-crafted baseline (``artifacts/baseline.joblib``): same input, same output."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        from pathlib import Path
+
+        from training.classifier.handcrafted import HandcraftedModel
+
+        self._model = HandcraftedModel.load(Path(context.artifacts["baseline"]))

@@ -112,6 +112,10 @@ def _latency_ms(model: Any, paths: list[str], params: PreprocessParams) -> float
 
 def _probabilities(model: Any, paths: list[str], params: PreprocessParams,
                    batch_size: int) -> np.ndarray:
+    if getattr(model, "kind", None) == "handcrafted":
+        from training.classifier.baseline import predict_paths
+
+        return np.asarray(predict_paths(model, paths, params), dtype=np.float64)
     from training.classifier.inputs import make_dataset
 
     n_classes = int(model.output_shape[-1])
@@ -120,12 +124,15 @@ def _probabilities(model: Any, paths: list[str], params: PreprocessParams,
 
 
 def _metrics(y_true: np.ndarray, y_prob: np.ndarray, classes: list[str],
-             positive: str | None, who: str, n_bootstrap: int = 1000) -> dict[str, float]:
+             positive: str | None, who: str, n_bootstrap: int = 1000,
+             groups: np.ndarray | None = None) -> dict[str, float]:
+    """Test metrics; ``groups`` (subjects) make the intervals resample patients, not cells."""
     from training.evaluation.metrics import classification_metrics
 
     if not np.all(np.isfinite(y_prob)):
         raise TrainingError(f"{who} produced non-finite probabilities (did training diverge?)")
-    return classification_metrics(y_true, y_prob, classes, positive, n_bootstrap=n_bootstrap)
+    return classification_metrics(y_true, y_prob, classes, positive, n_bootstrap=n_bootstrap,
+                                  groups=groups)
 
 
 def _val_metrics(model: Any, part: pd.DataFrame, y: np.ndarray, classes: list[str],
@@ -196,6 +203,8 @@ def _evaluate_champion(
     positive: str | None, batch_size: int, work: Path,
 ) -> tuple[str | None, dict[str, float] | None, pd.DataFrame | None]:
     """The champion's metrics on OUR test rows, preprocessed with ITS OWN parameters."""
+    from training.evaluation.metrics import subject_groups
+
     champ = _champion(cfg, work / "champion")
     if champ is None:
         return None, None, None
@@ -209,30 +218,29 @@ def _evaluate_champion(
     params = PreprocessParams.from_dict(meta["preprocess"])
     y_prob = _probabilities(model, list(test["path"]), params, batch_size)
     y_prob = y_prob[:, [champ_classes.index(c) for c in classes]]
-    metrics = _metrics(y_true, y_prob, classes, positive, f"champion v{version}")
+    metrics = _metrics(y_true, y_prob, classes, positive, f"champion v{version}",
+                       groups=subject_groups(test))
     return version, metrics, _predictions_table(test, y_prob, classes)
 
 
 def _paired(cfg: Config, y_true: np.ndarray, y_prob: np.ndarray, champion: pd.DataFrame,
-            classes: list[str], test: pd.DataFrame, split_kind: str) -> dict[str, float]:
+            classes: list[str], test: pd.DataFrame) -> dict[str, float]:
     """Candidate minus champion on the same test rows, with its paired bootstrap 95 % CI
-    (resampling subjects when the split is by subject): what the gate's paired test reads."""
-    from training.evaluation.metrics import PAIRED_METRICS, paired_bootstrap_delta
+    (resampling subjects whenever the rows have them): what the gate's paired test reads."""
+    from training.evaluation.metrics import PAIRED_METRICS, paired_bootstrap_delta, subject_groups
 
     metric = FAMILY.gate_metric(cfg)
     if metric not in PAIRED_METRICS:
         return {}
     champ = champion[[f"p_{c}" for c in classes]].to_numpy().argmax(axis=1)
-    groups = None
-    if split_kind == "subject" and test["subject_id"].notna().all():
-        groups = test["subject_id"].astype(str).to_numpy()
-    out = paired_bootstrap_delta(metric, y_true, y_prob.argmax(axis=1), champ, groups=groups)
+    out = paired_bootstrap_delta(metric, y_true, y_prob.argmax(axis=1), champ,
+                                 groups=subject_groups(test))
     return {f"paired_{metric}_{k}": v for k, v in out.items()}
 
 
 def _pip_requirements() -> list[str]:
     return pinned_requirements(
-        ("mlflow", "tensorflow-cpu", "keras", "numpy", "pillow", "pyyaml", "pandas"))
+        ("mlflow", "tensorflow-cpu", "keras", "numpy", "pillow", "pyyaml", "pandas", "torchstain"))
 
 
 def _flat_params(hp: dict[str, Any]) -> dict[str, Any]:
@@ -249,10 +257,24 @@ def _log_model(model: Any, work: Path, meta: dict[str, Any], params: PreprocessP
     """Log the pyfunc model of the contract: ``artifacts/model.keras`` + metadata.
 
     The pyfunc takes raw images and preprocesses them itself (see
-    :mod:`training.classifier.pyfunc`), so it declares no tensor signature.
+    :mod:`training.classifier.pyfunc`), so it declares no tensor signature. The hand-crafted
+    kind logs ``artifacts/baseline.joblib`` instead (no TensorFlow needed to serve it).
     """
-    import keras
     import mlflow
+
+    if meta.get("model_kind") == "handcrafted":
+        from training.classifier.handcrafted import MODEL_FILE
+        from training.classifier.pyfunc import HandcraftedClassifierModel
+
+        path = model.save(work / MODEL_FILE)
+        return mlflow.pyfunc.log_model(
+            name="model", python_model=HandcraftedClassifierModel(
+                classes=meta["classes"], preprocess=params.to_dict()),
+            artifacts={"baseline": str(path)}, metadata=meta,
+            pip_requirements=pinned_requirements(
+                ("mlflow", "scikit-learn", "joblib", "numpy", "pillow", "pyyaml", "pandas",
+                 "torchstain")))
+    import keras
 
     from training.classifier.pyfunc import KerasClassifierModel
 
@@ -283,21 +305,28 @@ def _fit(model: Any, hp: dict[str, Any], part: dict[str, pd.DataFrame],
     from training.classifier.inputs import (
         augmentation_model,
         balanced_class_weights,
+        colour_jitter,
         lr_schedule,
         make_dataset,
+        subject_balanced_weights,
     )
 
     seed, batch_size = int(hp["seed"]), int(hp["batch_size"])
     n_classes = int(model.output_shape[-1])
     train_paths = list(part["train"]["path"])
+    weights = (subject_balanced_weights(y["train"], list(part["train"]["subject_id"]),
+                                        n_classes, balance_classes=bool(hp["class_weights"]))
+               if hp.get("balance_subjects") else None)
     train_ds = make_dataset(
         train_paths, y["train"], n_classes, params, batch_size=batch_size, training=True,
         seed=seed, augment=augmentation_model(hp["augmentation"], seed),
+        colour=colour_jitter(hp["augmentation"], seed), weights=weights,
         cache_file=str(work / "train.cache"))
     val_ds = (make_dataset(list(part["val"]["path"]), y["val"], n_classes, params,
                            batch_size=batch_size, cache_file=str(work / "val.cache"))
               if len(part["val"]) else None)
-    class_weight = balanced_class_weights(y["train"], n_classes) if hp["class_weights"] else None
+    class_weight = (balanced_class_weights(y["train"], n_classes)
+                    if hp["class_weights"] and weights is None else None)  # else in weights
     try:
         model.fit(train_ds, validation_data=val_ds, epochs=int(hp["epochs"]),
                   class_weight=class_weight, shuffle=False, verbose=2, callbacks=[
@@ -313,6 +342,42 @@ def _fit(model: Any, hp: dict[str, Any], part: dict[str, pd.DataFrame],
             stale.unlink()
 
 
+def _fit_handcrafted(
+    hp: dict[str, Any], part: dict[str, pd.DataFrame], y: dict[str, np.ndarray], n_classes: int,
+) -> tuple[Any, PreprocessParams, float, int]:
+    """The hand-crafted baseline as the candidate: model, preprocessing, fit time, and its
+    number of fitted coefficients (linear models; 0 when the estimator has none)."""
+    from training.classifier.baseline import fit_handcrafted
+
+    model, params, fit_time = fit_handcrafted(hp, part["train"], y["train"], n_classes)
+    final = model.estimator.steps[-1][1] if hasattr(model.estimator, "steps") else model.estimator
+    n_params = sum(int(np.size(getattr(final, a))) for a in ("coef_", "intercept_")
+                   if hasattr(final, a))
+    return model, params, fit_time, n_params
+
+
+def _fit_keras(hp: dict[str, Any], part: dict[str, pd.DataFrame], y: dict[str, np.ndarray],
+               n_classes: int, run: Any) -> tuple[Any, PreprocessParams, float, int, int]:
+    """Build and train the Keras architecture: model, preprocessing, time, param counts."""
+    import keras
+    import mlflow
+
+    from training.classifier.architectures import build_model, count_params
+    from training.classifier.inputs import fit_preprocess
+
+    keras.utils.set_random_seed(int(hp["seed"]))
+    params = fit_preprocess(hp, list(part["train"]["path"]))
+    model = build_model(hp["architecture"], n_classes, hp)
+    total, trainable = count_params(model)
+    log.info("training %s (%d params, %d trainable) on %s", hp["architecture"], total,
+             trainable, {s: len(part[s]) for s in SPLITS})
+    start = time.perf_counter()
+    bn_batches = _fit(model, hp, part, y, params, run.work, run.run_id)
+    train_time = time.perf_counter() - start
+    mlflow.log_param("bn_recalibration_batches", bn_batches)
+    return model, params, train_time, total, trainable
+
+
 def train_and_evaluate(
     cfg: Config,
     architecture: str,
@@ -326,19 +391,23 @@ def train_and_evaluate(
     Everything goes to one MLflow run (see :mod:`training.runs`; nested under
     ``parent_run_id`` if given): resolved hyperparameters, ``config.json``, per-epoch metrics
     (step = epoch), test metrics with bootstrap CIs, plots, per-image predictions, the pyfunc
-    model and ``candidate.json``.
+    model and ``candidate.json``. A Keras candidate's run also holds the hand-crafted
+    baseline fitted and scored on the same rows (``baseline/*``, ``classifier.baseline``);
+    the ``handcrafted_baseline`` architecture is that baseline as a candidate of its own.
     """
-    from training.classifier.architectures import (
-        build_model,
-        count_params,
-        get_spec,
-        resolve_hparams,
+    from training.classifier.architectures import get_spec, resolve_hparams
+    from training.classifier.baseline import baseline_hparams, baseline_metrics
+    from training.evaluation.metrics import (
+        save_classification_plots,
+        subject_groups,
+        subjects_per_class,
     )
-    from training.evaluation.metrics import save_classification_plots
 
-    hp = resolve_hparams(cfg, architecture)  # a bad name/value fails before any heavy work
+    spec = get_spec(architecture)
+    # a bad name/value fails before any heavy work
+    hp = baseline_hparams(cfg) if spec.kind == "handcrafted" else resolve_hparams(cfg,
+                                                                                  architecture)
     cells, ds = _cells(cfg, dataset_version)
-    import keras
     import mlflow
 
     classes = list(cfg.data.classes)
@@ -346,31 +415,30 @@ def train_and_evaluate(
     index = {c: i for i, c in enumerate(classes)}
     part = {s: cells[cells["split"] == s].reset_index(drop=True) for s in SPLITS}
     y = {s: part[s]["label"].map(index).to_numpy(dtype=np.int64) for s in SPLITS}
-    spec = get_spec(architecture)
     counts = {f"n_{s}": len(part[s]) for s in SPLITS}
     with candidate_run(cfg, FAMILY, architecture, ds, cells,
                        params={**_flat_params(hp), **counts, "classes": ",".join(classes)},
                        parent_run_id=parent_run_id, tags=tags,
                        extra_tags={"paper": spec.paper}) as run:
-        keras.utils.set_random_seed(int(hp["seed"]))
-        params = PreprocessParams(int(hp["image_size"]), hp["source_size"], hp["segmentation"])
-        model = build_model(architecture, len(classes), hp)
-        total, trainable = count_params(model)
-        log.info("training %s (%d params, %d trainable) on %s", architecture, total, trainable,
-                 counts)
-        start = time.perf_counter()
-        bn_batches = _fit(model, hp, part, y, params, run.work, run.run_id)
-        train_time = time.perf_counter() - start
-        mlflow.log_param("bn_recalibration_batches", bn_batches)
-
+        if spec.kind == "handcrafted":
+            model, params, train_time, n_params = _fit_handcrafted(hp, part, y, len(classes))
+            total = trainable = n_params
+        else:
+            model, params, train_time, total, trainable = _fit_keras(hp, part, y,
+                                                                     len(classes), run)
+        batch_size = int(hp["batch_size"])
         test_paths = list(part["test"]["path"])
-        y_prob = _probabilities(model, test_paths, params, int(hp["batch_size"]))
-        metrics = _metrics(y["test"], y_prob, classes, positive, architecture)
+        y_prob = _probabilities(model, test_paths, params, batch_size)
+        metrics = _metrics(y["test"], y_prob, classes, positive, architecture,
+                           groups=subject_groups(part["test"]))
+        metrics.update(subjects_per_class(cells, classes))  # what every figure rests on
         metrics.update(_val_metrics(model, part["val"], y["val"], classes, positive, params,
-                                    int(hp["batch_size"]), architecture))
+                                    batch_size, architecture))
         metrics.update(total_params=float(total), trainable_params=float(trainable),
                        train_time_s=train_time,
                        latency_ms_per_image=_latency_ms(model, test_paths, params))
+        if spec.kind != "handcrafted" and cfg.classifier.baseline:
+            metrics.update(baseline_metrics(cfg, part, y, classes, positive))
         for path in save_classification_plots(y["test"], y_prob, classes, run.work / "plots",
                                               title=architecture):
             mlflow.log_artifact(str(path), artifact_path="plots")
@@ -379,18 +447,19 @@ def train_and_evaluate(
 
         meta = {"family": FAMILY.name, "architecture": architecture, "classes": classes,
                 "preprocess": params.to_dict(), "positive_class": positive,
-                "gradcam_layer": spec.gradcam_layer, "split_kind": run.split_kind}
-        _log_gradcam(model, part["test"], y["test"], classes, params, meta["gradcam_layer"],
-                     run.work)
+                "gradcam_layer": spec.gradcam_layer, "split_kind": run.split_kind,
+                "model_kind": spec.kind}
+        if spec.kind == "keras":
+            _log_gradcam(model, part["test"], y["test"], classes, params,
+                         meta["gradcam_layer"], run.work)
         logged = _log_model(model, run.work, meta, params)
         del model
 
         champion = _evaluate_champion(cfg, part["test"], y["test"], classes, positive,
-                                      int(hp["batch_size"]), run.work)
+                                      batch_size, run.work)
         run.record_champion(*champion)
         if champion[2] is not None:
-            metrics.update(_paired(cfg, y["test"], y_prob, champion[2], classes, part["test"],
-                                   run.split_kind))
+            metrics.update(_paired(cfg, y["test"], y_prob, champion[2], classes, part["test"]))
         return run.finish(metrics, logged)
 
 

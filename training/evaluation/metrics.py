@@ -1,8 +1,11 @@
 """Honest classification metrics: sklearn point estimates, bootstrap 95 % CIs, plots, tables.
 
 Every number here is computed from ``y_true`` and ``y_prob``; nothing is typed in. Point
-estimates come from scikit-learn. Confidence intervals are percentile bootstraps over test rows;
-the resamples are drawn once as a matrix of row counts, so 1000 resamples of 1000 rows cost a
+estimates come from scikit-learn. Confidence intervals are percentile bootstraps over test rows,
+or, given ``groups`` (subject ids), over whole subjects (a cluster bootstrap): cells of one
+patient share stain, scanner day and disease state, so they are not independent, and an
+interval that resamples them pretends to know far more than a handful of patients can tell.
+The resamples are drawn once as a matrix of row counts, so 1000 resamples of 1000 rows cost a
 few matrix products instead of 1000 sklearn calls (``bootstrap_ci`` is the slow, generic twin
 used to check them). No TensorFlow or torch here: serving and the DAGs import this module.
 """
@@ -44,6 +47,8 @@ __all__ = [
     "paired_bootstrap_delta",
     "save_classification_plots",
     "save_comparison",
+    "subject_groups",
+    "subjects_per_class",
 ]
 
 CI_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc")
@@ -102,14 +107,18 @@ def _positive_index(classes: Sequence[str], positive_class: str | None) -> int:
 # ---------------------------------------------------------------------------- bootstrap
 
 
-def _resample_indices(n_rows: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
-    """Row indices of ``n_boot`` resamples, in chunks of shape (b, n_rows); seeded, shared."""
+def _resample_indices(n_units: int, n_boot: int, seed: int,
+                      n_rows: int | None = None) -> Iterator[np.ndarray]:
+    """Unit indices of ``n_boot`` resamples, in chunks of shape (b, n_units); seeded, shared.
+
+    ``n_rows`` (default ``n_units``) sizes the chunks: what each resample expands to in memory.
+    """
     rng = np.random.default_rng(seed)
-    chunk = max(1, _MAX_CELLS // max(n_rows, 1))
+    chunk = max(1, _MAX_CELLS // max(n_rows or n_units, 1))
     done = 0
     while done < n_boot:
         b = min(chunk, n_boot - done)
-        yield rng.integers(0, n_rows, size=(b, n_rows))
+        yield rng.integers(0, n_units, size=(b, n_units))
         done += b
 
 
@@ -118,6 +127,64 @@ def _counts(idx: np.ndarray) -> np.ndarray:
     b, n = idx.shape
     flat = (np.arange(b)[:, None] * n + idx).ravel()
     return np.bincount(flat, minlength=b * n).reshape(b, n).astype(np.float64)
+
+
+def _group_codes(groups: Any, n_rows: int) -> tuple[np.ndarray, int]:
+    """Group labels -> (row -> group index, number of groups)."""
+    groups = np.asarray(groups).astype(str).ravel()
+    if len(groups) != n_rows:
+        raise ValueError(f"groups has {len(groups)} entries but there are {n_rows} rows")
+    uniques, codes = np.unique(groups, return_inverse=True)
+    return codes.ravel(), len(uniques)
+
+
+def _resample_weights(n_rows: int, groups: Any, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """(b, n_rows) matrices of how often each row is drawn: rows one by one, or, with
+    ``groups``, whole groups (a drawn subject brings all its cells, as often as it is drawn)."""
+    if groups is None:
+        for idx in _resample_indices(n_rows, n_boot, seed):
+            yield _counts(idx)
+        return
+    codes, n_groups = _group_codes(groups, n_rows)
+    for idx in _resample_indices(n_groups, n_boot, seed, n_rows=n_rows):
+        yield _counts(idx)[:, codes]
+
+
+def subject_groups(rows: pd.DataFrame) -> np.ndarray | None:
+    """The resampling unit of each row: its subject, or the row itself when it has none.
+
+    None when no row has a subject (then rows are the only unit there is). The returned
+    labels are what ``groups=`` of this module's bootstraps take.
+    """
+    if "subject_id" not in rows.columns:
+        return None
+    subjects = rows["subject_id"].fillna("").astype(str).str.strip()
+    if not (subjects != "").any():
+        return None
+    own = pd.Series([f"row:{i}" for i in range(len(rows))], index=rows.index)
+    return np.where(subjects != "", "subject:" + subjects, own).astype(str)
+
+
+def subjects_per_class(rows: pd.DataFrame, classes: Sequence[str]) -> dict[str, float]:
+    """``n_subjects_<split>`` and ``n_subjects_<split>__<class>``: distinct subjects per split.
+
+    What every figure rests on: 600 test cells from 3 patients are 3 observations of how the
+    model does on a patient, not 600. Rows without a subject count as one subject each.
+    """
+    out: dict[str, float] = {}
+    if "split" not in rows.columns or "label" not in rows.columns:
+        return out
+    groups = subject_groups(rows)
+    if groups is None:
+        return out
+    frame = pd.DataFrame({"split": rows["split"].to_numpy(), "label": rows["label"].to_numpy(),
+                          "g": groups})
+    for split, part in frame.groupby("split", sort=True):
+        out[f"n_subjects_{split}"] = float(part["g"].nunique())
+        for cls in classes:
+            out[f"n_subjects_{split}__{_key(cls)}"] = float(
+                part.loc[part["label"] == cls, "g"].nunique())
+    return out
 
 
 def _percentile_ci(values: np.ndarray) -> tuple[float, float]:
@@ -136,20 +203,24 @@ def bootstrap_ci(
     y_pred_or_prob: np.ndarray,
     n: int = 1000,
     seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> tuple[float, float]:
-    """Percentile 95 % CI of any ``metric_fn(y_true, y)`` over ``n`` row resamples.
+    """Percentile 95 % CI of any ``metric_fn(y_true, y)`` over ``n`` resamples.
 
-    Generic and slow (one call per resample); resamples where the metric is undefined
-    (``ValueError``, e.g. a class missing) are skipped. Uses the same seeded resamples as
-    :func:`classification_metrics`, so the two agree exactly.
+    Resamples rows, or whole ``groups`` (subject ids) when given. Generic and slow (one call
+    per resample); resamples where the metric is undefined (``ValueError``, e.g. a class
+    missing) are skipped. Uses the same seeded resamples as :func:`classification_metrics`,
+    so the two agree exactly.
     """
     y_true = np.asarray(y_true)
     y = np.asarray(y_pred_or_prob)
     if len(y_true) != len(y):
         raise ValueError(f"y_true has {len(y_true)} rows but predictions have {len(y)}")
     values = []
-    for idx_chunk in _resample_indices(len(y_true), n, seed):
-        for idx in idx_chunk:
+    rows = np.arange(len(y_true))
+    for w_chunk in _resample_weights(len(y_true), groups, n, seed):
+        for w in w_chunk:
+            idx = np.repeat(rows, w.astype(np.int64))
             try:
                 values.append(float(metric_fn(y_true[idx], y[idx])))
             except ValueError:
@@ -214,7 +285,7 @@ def _weighted_auc(score: np.ndarray, positive: np.ndarray, w: np.ndarray) -> np.
 
 def _bootstrap_metrics(
     y_true: np.ndarray, y_prob: np.ndarray, pos: int | None, n_boot: int, seed: int,
-    with_auc: bool,
+    with_auc: bool, groups: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Vectorised resample values of CI_METRICS, matching sklearn's definitions."""
     n, k = y_prob.shape
@@ -222,12 +293,11 @@ def _bootstrap_metrics(
     onehot = np.zeros((n, k * k))
     onehot[np.arange(n), y_true * k + y_pred] = 1.0
     out: dict[str, list[np.ndarray]] = {m: [] for m in CI_METRICS}
-    for idx in _resample_indices(n, n_boot, seed):
-        w = _counts(idx)
+    for w in _resample_weights(n, groups, n_boot, seed):
         cm = (w @ onehot).reshape(-1, k, k)  # (b, true, pred)
         tp = np.einsum("bii->bi", cm)
         support, predicted = cm.sum(axis=2), cm.sum(axis=1)
-        out["accuracy"].append(tp.sum(axis=1) / n)
+        out["accuracy"].append(tp.sum(axis=1) / w.sum(axis=1))  # groups: sizes vary
         with np.errstate(invalid="ignore", divide="ignore"):
             recall = np.where(support > 0, tp / np.where(support > 0, support, 1), np.nan)
             # sklearn: F1 = 2TP / (2TP + FP + FN), 0 when undefined; macro over all labels
@@ -287,24 +357,39 @@ def classification_metrics(
     *,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Every classification metric the reports and the gate use, as a flat dict of floats.
 
     ``y_true``: (n,) indices into ``classes``; ``y_prob``: (n, k) class probabilities, the
     prediction is their argmax. ``positive_class`` (binary only; default ``classes[1]``) picks
     the column ROC AUC is computed on. ``n_bootstrap=0`` skips the confidence intervals.
+
+    ``groups`` (one subject id per row, see :func:`subject_groups`): ``<metric>_ci_low/high``
+    then resample subjects, the cell-level intervals stay beside them as
+    ``<metric>_cell_ci_low/high``, and ``n_subjects`` / ``n_subjects__<class>`` say how many
+    subjects of each class the figures rest on; ``ci_units``: how many units were resampled.
     """
     y_true, y_prob = _check(y_true, y_prob, classes)
     pos = _positive_index(classes, positive_class) if len(classes) == 2 else None
     with warnings.catch_warnings():  # classes absent from y_true are handled explicitly below
         warnings.simplefilter("ignore", UserWarning)
         m = _point_metrics(y_true, y_prob, classes, pos)
+    if groups is not None:
+        codes, n_groups = _group_codes(groups, len(y_true))
+        m["n_subjects"] = float(n_groups)
+        for j, cls in enumerate(classes):
+            m[f"n_subjects__{_key(cls)}"] = float(len(np.unique(codes[y_true == j])))
     if n_bootstrap > 0:
-        boot = _bootstrap_metrics(y_true, y_prob, pos, n_bootstrap, seed, "roc_auc" in m)
-        for name, values in boot.items():
-            low, high = _percentile_ci(values)
-            if math.isfinite(low):
-                m[f"{name}_ci_low"], m[f"{name}_ci_high"] = low, high
+        levels = [("", groups)] if groups is None else [("", groups), ("_cell", None)]
+        for label, g in levels:
+            boot = _bootstrap_metrics(y_true, y_prob, pos, n_bootstrap, seed, "roc_auc" in m, g)
+            for name, values in boot.items():
+                low, high = _percentile_ci(values)
+                if math.isfinite(low):
+                    m[f"{name}{label}_ci_low"], m[f"{name}{label}_ci_high"] = low, high
+        if groups is not None:
+            m["ci_units"] = m["n_subjects"]
     return m
 
 
@@ -437,7 +522,7 @@ def save_classification_plots(
 COMPARISON_COLUMNS = [
     "architecture", "split_kind", "accuracy", "accuracy_ci_low", "accuracy_ci_high",
     "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro", "roc_auc",
-    "trainable_params", "train_time_s", "latency_ms", "n_test",
+    "trainable_params", "train_time_s", "latency_ms", "n_test", "n_subjects", "ci_units",
 ]
 _ALIASES = {
     "split_kind": ("split_kind", "split"),
@@ -485,7 +570,7 @@ def _fmt(value: Any, spec: str) -> str:
 def _markdown(df: pd.DataFrame) -> str:
     header = ["Architecture", "Split", "Accuracy [95% CI]", "Balanced acc.", "Precision",
               "Recall", "F1", "ROC AUC", "Trainable params", "Train time (s)", "Latency (ms)",
-              "n test"]
+              "n test", "Test subjects", "CI over"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for r in df.itertuples(index=False):
         acc = _fmt(r.accuracy, ".4f")
@@ -494,11 +579,16 @@ def _markdown(df: pd.DataFrame) -> str:
         cells = [str(r.architecture), str(r.split_kind), acc, _fmt(r.balanced_accuracy, ".4f"),
                  _fmt(r.precision_macro, ".4f"), _fmt(r.recall_macro, ".4f"),
                  _fmt(r.f1_macro, ".4f"), _fmt(r.roc_auc, ".4f"), _fmt(r.trainable_params, ",.0f"),
-                 _fmt(r.train_time_s, ".1f"), _fmt(r.latency_ms, ".2f"), _fmt(r.n_test, ".0f")]
+                 _fmt(r.train_time_s, ".1f"), _fmt(r.latency_ms, ".2f"), _fmt(r.n_test, ".0f"),
+                 _fmt(r.n_subjects, ".0f"),
+                 "subjects" if math.isfinite(r.ci_units) else ("cells" if math.isfinite(
+                     r.accuracy_ci_low) else "-")]
         lines.append("| " + " | ".join(cells) + " |")
     note = ("\nPrecision, recall and F1 are macro averages. Accuracy intervals are percentile "
-            "bootstrap 95 % CIs over test rows. Split 'subject' keeps every subject's images on "
-            "one side; 'image' is the random image-level split of the papers.\n")
+            "bootstrap 95 % CIs; 'CI over' says what was resampled: whole test subjects when "
+            "the rows have them (cells of one patient are not independent), else test cells. "
+            "Split 'subject' keeps every subject's images on one side; 'image' is the random "
+            "image-level split of the papers.\n")
     return "\n".join(lines) + "\n" + note
 
 

@@ -1,18 +1,20 @@
 """The promotion gate: the verdict on one candidate, with its reasons (TFX's blessing).
 
-Floors first, then non-regression against the champion scored on the same test rows. What
-metric and floor apply comes from the family table (:mod:`training.families`), their values
-from the config. The verdict is pure: registering and moving aliases is
+Floors first (the gated metric; for classifiers the hand-crafted baseline measured on the same
+rows, :func:`beats_baseline`; and enough test subjects per class for the figures to be about
+patients), then non-regression against the champion scored on the same test rows. What metric
+and floor apply comes from the family table (:mod:`training.families`), their values from the
+config. The verdict is pure: registering and moving aliases is
 :mod:`training.promotion.aliases`' job.
 """
 
 from __future__ import annotations
 
 from training.config import Config
-from training.families import get_family
+from training.families import BASELINE_ARCHITECTURE, get_family
 from training.records import Candidate
 
-__all__ = ["gate"]
+__all__ = ["beats_baseline", "gate"]
 
 
 def gate(cfg: Config, candidate: Candidate) -> tuple[bool, list[str]]:
@@ -25,6 +27,12 @@ def gate(cfg: Config, candidate: Candidate) -> tuple[bool, list[str]]:
     reasons = []
     ok = value >= floor
     reasons.append(f"{metric}={value:.4f} {'>=' if ok else '<'} floor {floor:.4f}")
+    enough, subject_reasons = _subjects(cfg, candidate)
+    ok = ok and enough
+    reasons.extend(subject_reasons)
+    above, why = beats_baseline(cfg, metric, candidate)
+    ok = ok and above
+    reasons.extend(why)
     champ = candidate.champion_metrics
     if candidate.champion_version is None or champ is None:
         reasons.append("no champion yet: the first version that passes the floor becomes champion")
@@ -42,6 +50,50 @@ def gate(cfg: Config, candidate: Candidate) -> tuple[bool, list[str]]:
     paired_ok, paired = _paired(cfg, metric, candidate)
     reasons.extend(paired)
     return ok and better and paired_ok, reasons
+
+
+def _subjects(cfg: Config, candidate: Candidate) -> tuple[bool, list[str]]:
+    """How many patients the test figures rest on, per class; too few refuse the candidate
+    unless ``gate.allow_few_subjects``. Candidates whose rows name no subjects report none."""
+    prefix = "n_subjects_test__"
+    counts = {k[len(prefix):]: int(v) for k, v in candidate.metrics.items()
+              if k.startswith(prefix)}
+    if not counts:
+        return True, []
+    need = cfg.gate.min_test_subjects_per_class
+    listed = ", ".join(f"{c}: {n}" for c, n in sorted(counts.items()))
+    few = sorted(c for c, n in counts.items() if n < need)
+    if not few:
+        return True, [f"test subjects per class ({listed}) >= minimum {need}"]
+    text = (f"test subjects per class ({listed}): class(es) {', '.join(few)} below the minimum "
+            f"{need}, so the test figures rest on too few patients to promote on")
+    if cfg.gate.allow_few_subjects:
+        return True, [text + " (allowed: gate.allow_few_subjects is on)"]
+    return False, [text + " (gate.min_test_subjects_per_class)"]
+
+
+def beats_baseline(cfg: Config, metric: str, candidate: Candidate) -> tuple[bool, list[str]]:
+    """``gate.must_beat_baseline``: the candidate's gated metric must be above the hand-crafted
+    baseline's, fitted on its train rows and scored on its test rows (``baseline/<metric>``).
+
+    Classifiers only (detectors have no such baseline), and not the baseline itself. Every
+    classifier trained with ``classifier.baseline`` on carries the measurement; one without
+    it (the option off, or a record made elsewhere) passes this rule, and the reasons say
+    that it was not measured.
+    """
+    if candidate.family != "classifier" or candidate.architecture == BASELINE_ARCHITECTURE:
+        return True, []
+    key = f"baseline/{metric}"
+    if key not in candidate.metrics:
+        return True, [f"hand-crafted baseline not measured on these rows (no '{key}'): "
+                      "gate.must_beat_baseline not applied"]
+    value, base = candidate.metrics[metric], candidate.metrics[key]
+    above = value > base
+    text = (f"{metric}={value:.4f} {'>' if above else '<='} hand-crafted baseline {base:.4f} "
+            "on the same test rows")
+    if not cfg.gate.must_beat_baseline:
+        return True, [text + " (informational: gate.must_beat_baseline is off)"]
+    return above, [text]
 
 
 def _paired(cfg: Config, metric: str, candidate: Candidate) -> tuple[bool, list[str]]:

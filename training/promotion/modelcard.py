@@ -76,17 +76,19 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray,
 
 
 def per_class_cis(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int,
-                  n_boot: int = N_BOOT, seed: int = 0) -> dict[str, list[tuple[float, float]]]:
-    """Percentile 95 % bootstrap CIs of per-class precision, recall and F1 (rows resampled)."""
-    from training.evaluation.metrics import _counts, _percentile_ci, _resample_indices
+                  n_boot: int = N_BOOT, seed: int = 0,
+                  groups: np.ndarray | None = None) -> dict[str, list[tuple[float, float]]]:
+    """Percentile 95 % bootstrap CIs of per-class precision, recall and F1: rows resampled,
+    or whole subjects when ``groups`` (one subject id per row) is given."""
+    from training.evaluation.metrics import _percentile_ci, _resample_weights
 
     y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
     k = n_classes
     onehot = np.zeros((len(y_true), k * k))
     onehot[np.arange(len(y_true)), y_true * k + y_pred] = 1.0
     vals: dict[str, list[np.ndarray]] = {"precision": [], "recall": [], "f1": []}
-    for idx in _resample_indices(len(y_true), n_boot, seed):
-        cm = (_counts(idx) @ onehot).reshape(-1, k, k)
+    for w in _resample_weights(len(y_true), groups, n_boot, seed):
+        cm = (w @ onehot).reshape(-1, k, k)
         tp = np.einsum("bii->bi", cm)
         support, predicted = cm.sum(axis=2), cm.sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -121,9 +123,13 @@ def _predictions_section(pred: pd.DataFrame, classes: list[str]) -> dict[str, An
     y_pred = prob.argmax(axis=1)
     confidence = prob.max(axis=1)
     correct = (y_pred == y_true).astype(np.float64)
-    cis = per_class_cis(y_true, y_pred, len(classes))
+    from training.evaluation.metrics import subject_groups
+
+    groups = subject_groups(pred)
+    cis = per_class_cis(y_true, y_pred, len(classes), groups=groups)
     return {
         "n_rows": len(pred),
+        "ci_unit": "subjects" if groups is not None else "test images",
         "per_class_ci": {c: {m: list(cis[m][j]) for m in cis} for j, c in enumerate(classes)},
         "ece": expected_calibration_error(confidence, correct),
         "ece_bins": ECE_BINS,
@@ -174,7 +180,9 @@ def _metric_rows(metrics: dict[str, float], classes: list[str],
     for name in sorted(k for k in test if "__" not in k and k not in COST_METRICS):
         low, high = metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")
         overall.append({"metric": name, "value": test[name], "ci_low": low, "ci_high": high,
-                        "ci_source": "logged" if low is not None else None})
+                        "ci_source": "logged" if low is not None else None,
+                        "cell_ci_low": metrics.get(f"{name}_cell_ci_low"),
+                        "cell_ci_high": metrics.get(f"{name}_cell_ci_high")})
     per_class = []
     known = {_key(c): c for c in classes}
     suffixes = sorted({k.split("__", 1)[1] for k in test if "__" in k})
@@ -222,7 +230,8 @@ def _limitations(card: dict[str, Any]) -> list[str]:
     if n_test is None:  # the detector logs no n_test: count the test rows of the manifest
         n_test = sum(r["images"] for r in data.get("per_split_class", []) if r["split"] == "test")
     if n_test:
-        out.append(f"All test figures come from {int(n_test)} test image(s).")
+        out.append(f"All test figures come from {int(n_test)} test image(s)"
+                   + (f" of {card['patients']}." if card.get("patients") else "."))
     ece = card["calibration"].get("ece")
     if ece is not None and ece > POOR_ECE:
         out.append(f"Expected calibration error is {ece:.3f} (> {POOR_ECE}): read the "
@@ -285,20 +294,46 @@ def build_card(cfg: Config, name: str, version: str) -> dict[str, Any]:
         "metrics": {"overall": overall, "per_class": per_class,
                     "cost": {k: metrics[k] for k in COST_METRICS if k in metrics},
                     "source": f"logged metrics of run {mv.run_id}",
-                    "per_class_ci_source": "bootstrap over predictions/test.csv"
+                    "per_class_ci_source": f"bootstrap over predictions/test.csv, "
+                    f"resampling {pred['ci_unit']}"
                     if "per_class_ci" in pred else pred.get("error")},
-        "calibration": {k: v for k, v in pred.items() if k not in ("per_class_ci",)},
+        "calibration": {k: v for k, v in pred.items() if k not in ("per_class_ci", "ci_unit")},
         "gate": {"passed": vtags.get("gate_passed"), "reasons": reasons,
                  "metric": family.gate_metric(cfg), "floor": family.gate_floor(cfg),
                  "max_regression": cfg.gate.max_regression},
         "champion_on_same_test": {k.split("/", 1)[1]: v for k, v in metrics.items()
                                   if k.startswith("champion/") and "__" not in k
                                   and not k.endswith(("_ci_low", "_ci_high"))},
+        "baseline_on_same_test": _baseline_metrics(metrics),
         "lineage": {k: tags[k] for k in lineage_keys if tags.get(k)},
         "params": params,
     }
+    card["patients"] = _patients(metrics, card["training_data"])
     card["limitations"] = _limitations(card)
     return card
+
+
+def _patients(metrics: dict[str, float], data: dict[str, Any]) -> str:
+    """'N subject(s) (class: n, ...)': how many people the test figures rest on."""
+    per_class = {k.split("__", 1)[1]: int(v) for k, v in metrics.items()
+                 if k.startswith("n_subjects_test__")}
+    total = metrics.get("n_subjects_test")
+    if not per_class:  # runs from before subjects were logged: count them in the manifest
+        rows = [r for r in data.get("per_split_class", [])
+                if r["split"] == "test" and r["label"] != "(fields)" and r["subjects"]]
+        per_class = {r["label"]: int(r["subjects"]) for r in rows}
+        total = sum(per_class.values()) if per_class else None
+    if not per_class or total is None:
+        return ""
+    listed = ", ".join(f"{c}: {n}" for c, n in sorted(per_class.items()))
+    return f"{int(total)} subject(s) ({listed})"
+
+
+def _baseline_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The hand-crafted baseline fitted and scored on this version's own train/test rows."""
+    return {k.removeprefix("baseline/"): v for k, v in metrics.items()
+            if k.startswith("baseline/") and "__" not in k and not k.startswith("baseline/val/")
+            and not k.endswith(("_ci_low", "_ci_high"))}
 
 
 # ------------------------------------------------------------------------- rendering
@@ -376,6 +411,10 @@ def _sections(card: dict[str, Any]) -> list[tuple[str, str, list[str], list[list
     gate_text = {"true": "passed: promoted to champion", "false": "failed: not promoted"}.get(
         str(gate["passed"]), f"not recorded ({gate['passed']})")
     champ = card["champion_on_same_test"]
+    with_cells = any(r.get("cell_ci_low") is not None for r in card["metrics"]["overall"])
+    base = card.get("baseline_on_same_test") or {}
+    own = {r["metric"]: r["value"] for r in card["metrics"]["overall"]}
+    own.update(card["metrics"]["cost"])
     out = [
         ("Model details", f"{card['model']} version {card['version']} "
          f"({card['family']}, architecture {card['architecture'] or 'n/a'}); MLflow run "
@@ -391,9 +430,10 @@ def _sections(card: dict[str, Any]) -> list[tuple[str, str, list[str], list[list
          ["split", "class", "images", "subjects", "images without subject"],
          [[r["split"], r["label"], str(r["images"]), str(r["subjects"]),
            str(r["without_subject"])] for r in data.get("per_split_class", [])]),
-        ("Metrics (test split)", f"Logged metrics of run {card['run_id']}; 95% bootstrap CIs "
-         "as logged.", ["metric", "value", "95% CI"],
-         [[r["metric"], _num(r["value"]), _ci([r["ci_low"], r["ci_high"]])]
+        ("Metrics (test split)", _metrics_text(card),
+         ["metric", "value", "95% CI", *(["95% CI (cells)"] if with_cells else [])],
+         [[r["metric"], _num(r["value"]), _ci([r["ci_low"], r["ci_high"]]),
+           *([_ci([r.get("cell_ci_low"), r.get("cell_ci_high")])] if with_cells else [])]
           for r in card["metrics"]["overall"]]),
         ("Size and cost", "Logged by the same run." if card["metrics"]["cost"] else
          "The run logged no size or cost figures.", ["measure", "value"],
@@ -414,11 +454,32 @@ def _sections(card: dict[str, Any]) -> list[tuple[str, str, list[str], list[list
         ("Champion on the same test rows", "" if champ else
          "There was no champion to compare with.", ["metric", "champion"] if champ else [],
          [[k, _num(v)] for k, v in sorted(champ.items())]),
+        ("Hand-crafted baseline on the same rows",
+         "Colour, texture and shape features with a logistic regression, fitted on this "
+         "version's train rows and scored on its test rows: what the model must beat "
+         "(gate.must_beat_baseline)." if base else
+         "No hand-crafted baseline was measured on these rows.",
+         ["metric", "baseline", "this model"] if base else [],
+         [[k, _num(v), _num(own.get(k))] for k, v in sorted(base.items())]),
         ("Known limitations (measured)", "", ["limitation"],
          [[x] for x in card["limitations"]]),
         ("Lineage", "", ["tag", "value"], [[k, str(v)] for k, v in card["lineage"].items()]),
     ]
     return out
+
+
+def _metrics_text(card: dict[str, Any]) -> str:
+    """Where the figures come from and how many patients they rest on."""
+    text = f"Logged metrics of run {card['run_id']}; 95% bootstrap CIs as logged"
+    units = next((r["value"] for r in card["metrics"]["overall"] if r["metric"] == "ci_units"),
+                 None)
+    if units is not None:
+        text += (f", resampling the {int(units)} test subjects (cells of one patient are not "
+                 "independent); the cell-level CIs beside them are shown for comparison only")
+    text += "."
+    if card.get("patients"):
+        text += f" These figures rest on {card['patients']} in the test split."
+    return text
 
 
 def render_markdown(card: dict[str, Any]) -> str:
