@@ -116,7 +116,7 @@ class ClassifierService:
     bento_model = bentoml.models.BentoModel(CLASSIFIER_TAG) if CLASSIFIER_TAG else None
 
     def __init__(self) -> None:
-        from training.classifier.predict import load_classifier, predict_proba
+        from training.classifier.predict import load_classifier, model_temperature, predict_proba
 
         self._predict_proba = predict_proba
         stored = self.bento_model
@@ -124,6 +124,7 @@ class ClassifierService:
         self.model, self.metadata = load_classifier(self.model_dir)
         self.params = PreprocessParams.from_dict(self.metadata["preprocess"])
         self.classes = [str(c) for c in self.metadata["classes"]]
+        self.temperature = model_temperature(self.metadata)  # calibration fitted at training
         self.ref = _model_ref(stored, stored.tag.name)
         log.info("classifier %s v%s loaded from %s in pid %d", self.ref.name, self.ref.version,
                  stored.tag, os.getpid())
@@ -133,7 +134,7 @@ class ClassifierService:
 
     @bentoml.api
     def classify(self, image: PILImage.Image) -> Classification:
-        probs = self._predict_proba(self.model, [image], self.params)[0]
+        probs = self._predict_proba(self.model, [image], self.params, self.temperature)[0]
         best = int(probs.argmax())
         return Classification(
             label=self.classes[best],
@@ -146,7 +147,7 @@ class ClassifierService:
         """Grad-CAM overlay of the predicted class: ``{"png", "label", "probability", "model"}``."""
         from training.classifier.gradcam import gradcam_heatmap, overlay_png
 
-        probs = self._predict_proba(self.model, [image], self.params)[0]
+        probs = self._predict_proba(self.model, [image], self.params, self.temperature)[0]
         best = int(probs.argmax())
         pixels = preprocess_image(image, self.params)  # (size, size, 3) in 0-255
         heatmap = gradcam_heatmap(self.model, pixels, class_index=best,  # (size, size)

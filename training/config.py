@@ -125,6 +125,10 @@ class ClassifierConfig(_Section):
     dropout: float | None = Field(None, ge=0, lt=1)
     class_weights: bool = True
     segmentation: Literal["none", "otsu"] = "none"
+    # fit one temperature T on the val rows after training, store it with the model, serve
+    # softmax(log p / T): the argmax (hence every gated metric) is unchanged, only the
+    # probabilities become calibrated (training.evaluation.calibration)
+    temperature_scaling: bool = True
     augmentation: AugmentationConfig = AugmentationConfig()
     seed: int = 42
 

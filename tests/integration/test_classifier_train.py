@@ -170,7 +170,7 @@ def test_run_has_params_epoch_metrics_and_artifacts(trained: dict) -> None:
     names |= {a.path for d in ("plots", "predictions")
               for a in client.list_artifacts(cand["run_id"], d)}
     for expected in ("config.json", "candidate.json", "plots/confusion_matrix.png",
-                     "plots/roc_curves.png", "predictions/test.csv"):
+                     "plots/roc_curves.png", "plots/reliability.png", "predictions/test.csv"):
         assert expected in names, (expected, names)
     logged_cfg = mlflow.artifacts.load_dict(f"runs:/{cand['run_id']}/config.json")
     assert logged_cfg["classifier"]["image_size"] == 32
@@ -180,6 +180,13 @@ def test_run_has_params_epoch_metrics_and_artifacts(trained: dict) -> None:
     assert meta["family"] == "classifier" and meta["architecture"] == ARCH
     assert meta["classes"] == CLASSES and meta["positive_class"] == "all"
     assert meta["preprocess"] == {"image_size": 32, "source_size": 450, "segmentation": "none"}
+    # calibration: T fitted on the val rows (on by default), stored with the model, and the
+    # test ECE before and after it logged beside the metrics
+    assert params["temperature_scaling"] == "True"
+    assert meta["temperature"] == pytest.approx(float(params["temperature"]))
+    assert run.data.metrics["temperature"] == pytest.approx(meta["temperature"])
+    for key in ("ece", "ece_uncalibrated", "val/ece", "val/ece_uncalibrated"):
+        assert 0.0 <= run.data.metrics[key] <= 1.0, key
     # raw images in, preprocessed by the pyfunc itself: no tensor signature to enforce
     assert info.signature is None
 
@@ -210,7 +217,7 @@ def test_logged_model_loads_and_predicts_probabilities(trained: dict) -> None:
         from pathlib import Path
         import mlflow, mlflow.pyfunc, numpy as np, pandas as pd
         from PIL import Image
-        from training.classifier.predict import load_classifier, predict_proba
+        from training.classifier.predict import load_classifier, model_temperature, predict_proba
         from training.config import load_config
         from training.data.dataset import load_manifest, materialize
         from training.preprocess import PreprocessParams
@@ -230,7 +237,8 @@ def test_logged_model_loads_and_predicts_probabilities(trained: dict) -> None:
         from_bytes = py.predict([Path(p).read_bytes() for p in test["path"]])[cols].to_numpy()
         model_dir = Path(mlflow.artifacts.download_artifacts(cand["model_uri"]))
         model, meta = load_classifier(model_dir)
-        direct = predict_proba(model, images, PreprocessParams.from_dict(meta["preprocess"]))
+        direct = predict_proba(model, images, PreprocessParams.from_dict(meta["preprocess"]),
+                               model_temperature(meta))
         logged = pd.read_csv(mlflow.artifacts.download_artifacts(
             f"runs:/{cand['run_id']}/predictions/test.csv"))
         logged = logged.set_index("sha256").loc[list(test["sha256"])]
@@ -283,7 +291,8 @@ def test_champion_is_evaluated_on_the_same_test_set(trained: dict) -> None:
     champ = second["champion_metrics"]
     quality = {k for k in first["metrics"]
                if k not in ("train_time_s", "latency_ms_per_image", "total_params",
-                            "trainable_params") and not k.startswith("val/")}
+                            "trainable_params", "ece_uncalibrated", "temperature")
+               and not k.startswith("val/")}
     assert set(champ) == quality
     # the paired test of the second candidate against the champion, on the same rows
     assert {"paired_balanced_accuracy_delta", "paired_balanced_accuracy_delta_ci_low",
