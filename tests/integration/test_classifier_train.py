@@ -324,3 +324,58 @@ def test_no_dataset_fails_with_one_clear_line(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: DataValidationError:") and "validate a batch first" in last
+
+
+def test_evaluate_on_a_folder_reproduces_the_logged_test_metrics(trained: dict,
+                                                                 tmp_path: Path) -> None:
+    """`leukoflow evaluate <name>/<version> FOLDER` on a folder of the run's test rows (a
+    manifest.csv layout, never curated) reproduces the test metrics the training run logged,
+    as an evaluation run of split kind 'external' linked to the model and tagged on the version."""
+    home = trained["home"]
+    cfg, mlflow, client = _mlflow(home)
+    cand = json.loads(trained["out"].read_text())
+    mv = mlflow.register_model(cand["model_uri"], cfg.mlflow.classifier_name)
+    df, _ = load_manifest(cfg, trained["version"])
+    test = df[df["split"] == "test"]
+    folder = tmp_path / "other-lab"
+    folder.mkdir()
+    lines = ["path,label,subject_id"]
+    for row in test.itertuples():
+        (folder / f"{row.sha256[:12]}.png").symlink_to(home / "curated" / row.key)
+        lines.append(f"{row.sha256[:12]}.png,{row.label},{row.subject_id}")
+    (folder / "manifest.csv").write_text("\n".join(lines) + "\n")
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.cli", "evaluate",
+         f"{cfg.mlflow.classifier_name}/{mv.version}", str(folder)],
+        cwd=ROOT, env=_child_env(home), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert out["split_kind"] == "external" and out["layout"] == "manifest"
+    assert out["n_seen_in_training"] == 0 and out["skipped"] == {}
+
+    logged = client.get_run(cand["run_id"]).data.metrics
+    evaluation = client.get_run(out["run_id"])
+    got = evaluation.data.metrics
+    assert got["n_test"] == logged["n_test"] == len(test)
+    same = ("accuracy", "balanced_accuracy", "f1_macro", "precision_macro", "recall_macro",
+            "specificity_macro", "roc_auc", "ece", "n_subjects",
+            # subject-level intervals: the same subjects resampled with the same seed
+            "accuracy_ci_low", "accuracy_ci_high", "balanced_accuracy_ci_low",
+            "balanced_accuracy_ci_high")
+    for key in same:
+        assert got[key] == pytest.approx(logged[key], abs=1e-6), key
+    assert evaluation.data.tags["split_kind"] == "external"
+    assert evaluation.data.tags["model_version"] == str(mv.version)
+    version = client.get_model_version(cfg.mlflow.classifier_name, mv.version)
+    assert f"evaluation.{out['run_id']}" in version.tags
+    model = mlflow.get_logged_model(cand["model_uri"].removeprefix("models:/"))
+    linked = {m.dataset_name for m in model.metrics if m.key == "balanced_accuracy"}
+    assert any(name.startswith("external-other-lab") for name in linked), linked
+    names = {a.path for d in ("plots", "predictions")
+             for a in client.list_artifacts(out["run_id"], d)}
+    assert {"plots/confusion_matrix.png", "plots/roc_curves.png", "plots/reliability.png",
+            "predictions/external.csv"} <= names
+    table = pd.read_csv(mlflow.artifacts.download_artifacts(
+        f"runs:/{out['run_id']}/predictions/external.csv"))
+    assert len(table) == len(test) and set(table["sha256"]) == set(test["sha256"])
