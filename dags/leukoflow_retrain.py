@@ -2,6 +2,8 @@
 
 Triggered by a new ``curated-dataset`` version (or by hand with params). One classifier
 candidate per architecture (dynamic task mapping) and one detector, each in its own process;
+when the data hold few subjects per class, each architecture is also retrained per fold of a
+leave-subjects-out CV (``train_subject_cv``), whose figures model selection then prefers;
 each is scored beside the current champion on the same frozen test split; the gate moves
 ``champion`` only when the candidate is not worse; publishing builds the Bento from the
 champions and smoke-tests it over HTTP, rolling the aliases back if that fails.
@@ -69,6 +71,18 @@ def retrain():
                      tags={"airflow_run_id": run_id}, overrides=params.get("config"))
 
     @task(retries=0, execution_timeout=TRAIN_TIMEOUT)
+    def train_subject_cv(architecture: str, dataset: dict, parent_run_id: str,
+                         params=None) -> dict | None:
+        """Leave-subjects-out CV of the architecture when the data hold few subjects per
+        class (``cv.run_below_subjects_per_class``); None otherwise. Model selection prefers
+        its figures."""
+        from training.stages import subject_cv
+
+        return subject_cv(config_from(params), architecture, dataset_version=dataset["version"],
+                          parent_run_id=parent_run_id, overrides=params.get("config"),
+                          only_if_small=True)
+
+    @task(retries=0, execution_timeout=TRAIN_TIMEOUT)
     def train_detector(dataset: dict, parent_run_id: str, params=None, run_id=None) -> list:
         from training.stages import train
 
@@ -81,7 +95,8 @@ def retrain():
     # all_done: one failed architecture must not block the promotion of the others
     @task(trigger_rule="all_done", pool=REGISTRY_POOL)
     def promote(classifiers: list, detectors: list, archs: list[str], dataset: dict,
-                parent_run_id: str, params=None, run_id=None) -> list[dict]:
+                parent_run_id: str, cvs: list | None = None, params=None,
+                run_id=None) -> list[dict]:
         from training.lineage import lineage_tags
         from training.stages import promote_best
 
@@ -93,7 +108,8 @@ def retrain():
             raise RuntimeError("every training of this run failed: nothing to judge (see the "
                                "train_* task logs)")
         return promote_best(config_from(params), found, tags, parent_run_id=parent_run_id,
-                            expected={"classifier": list(archs)})
+                            expected={"classifier": list(archs)},
+                            cv_results=[c for c in (cvs or []) if c])
 
     @task
     def publish(promotions: list[dict], params=None) -> dict:
@@ -112,8 +128,11 @@ def retrain():
     classifiers = train_classifier.partial(dataset=dataset, parent_run_id=parent).expand(
         architecture=archs
     )
+    cvs = train_subject_cv.partial(dataset=dataset, parent_run_id=parent).expand(
+        architecture=archs
+    )
     detectors = train_detector(dataset, parent)
-    publish(promote(classifiers, detectors, archs, dataset, parent))
+    publish(promote(classifiers, detectors, archs, dataset, parent, cvs))
     all_trainings_succeeded(classifiers, detectors)
 
 

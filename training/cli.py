@@ -169,6 +169,32 @@ def evaluate(ctx: click.Context, model: str, path: Path, n_bootstrap: int) -> No
                 "metrics": headline})
 
 
+@main.command("cv")
+@click.option("--architecture", default=None, help="Classifier architecture (see models list).")
+@click.option("--dataset-version", type=int, default=None, help="Default: newest.")
+@click.option("--folds", type=int, default=None, help="Subject folds (default: cv.folds).")
+@click.pass_context
+def cv(ctx: click.Context, architecture: str | None, dataset_version: int | None,
+       folds: int | None) -> None:
+    """Leave-subjects-out CV of a classifier architecture: retrained per fold in its own
+    process, scored on subjects it never saw (pooled, with subject-level 95 % CIs)."""
+    from training.stages import curated_dataset, subject_cv
+
+    cfg = _cfg(ctx)
+    version = dataset_version or curated_dataset(cfg)["version"]
+    architecture = architecture or get_family("classifier").default_architecture(cfg)
+    summary = subject_cv(cfg, architecture, dataset_version=version, folds=folds)
+    m = summary["metrics"]
+    for note in summary["notes"]:
+        click.secho(f"note: {note}", fg="yellow", err=True)
+    click.echo(f"{architecture}, {summary['scheme']} over {int(m['cv/n_subjects'])} subjects: "
+               f"balanced accuracy {m['cv/balanced_accuracy']:.3f} [95% CI over subjects "
+               f"{m.get('cv/balanced_accuracy_ci_low', float('nan')):.3f}, "
+               f"{m.get('cv/balanced_accuracy_ci_high', float('nan')):.3f}] "
+               f"(MLflow run {summary['run_id']})", err=True)
+    _echo_json(summary)
+
+
 @main.group()
 def models() -> None:
     """The classifier architecture registry."""

@@ -167,6 +167,16 @@ class GateConfig(_Section):
     min_improvement: float = Field(0.0, ge=-1, le=1)
 
 
+class CvConfig(_Section):
+    """Leave-subjects-out CV of a classifier architecture (``training.classifier.cv``)."""
+
+    folds: int = Field(5, ge=2)  # subject folds; no more subjects than this: leave one out
+    # The retrain DAG runs the CV inside each classifier training when the smallest class has
+    # fewer subjects than this (a frozen test split then holds a handful of patients); 0 = never.
+    run_below_subjects_per_class: int = Field(10, ge=0)
+    epochs: int | None = Field(None, ge=1)  # per-fold epochs; None = the candidate's own
+
+
 class PipelineConfig(_Section):
     """Bounds and notifications of the DAG runs: nothing hangs forever, refusals are heard."""
 
@@ -228,6 +238,7 @@ class Config(BaseSettings):
     classifier: ClassifierConfig = ClassifierConfig()
     detector: DetectorConfig = DetectorConfig()
     gate: GateConfig = GateConfig()
+    cv: CvConfig = CvConfig()
     pipeline: PipelineConfig = PipelineConfig()
     mlflow: MlflowConfig = MlflowConfig()
     serving: ServingConfig = ServingConfig()

@@ -27,7 +27,7 @@ from training.records import Candidate, Promotion
 
 __all__ = [
     "config_env", "curated_dataset", "discover", "promote_best", "publish", "rollback",
-    "start_parent_run", "train", "validate",
+    "start_parent_run", "subject_cv", "train", "validate",
 ]
 
 log = logging.getLogger("leukoflow.stages")
@@ -99,6 +99,44 @@ def start_parent_run(cfg: Config, airflow_run_id: str, dataset: dict[str, Any]) 
         return run.info.run_id
 
 
+def _run_child(cfg: Config, cmd: list[str], what: str, label: str,
+               overrides: dict[str, Any] | None) -> None:
+    """Run one training child process under ``pipeline.train_timeout_s``; its output streams
+    into our log, and a failure or time-out raises TrainingError with its last lines."""
+    env = {**os.environ, "LEUKOFLOW_HOME": str(cfg.home), **config_env(overrides)}
+    timeout = cfg.pipeline.train_timeout_s
+    log.info("starting (time limit %ds) %s", timeout, " ".join(cmd))
+    # A session of its own, so a time-out (or this task being killed) ends the child's
+    # whole process tree, data-loader workers included.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, bufsize=1, start_new_session=True)
+    timed_out = threading.Event()
+
+    def expire() -> None:
+        timed_out.set()
+        _kill_tree(proc)
+
+    timer = threading.Timer(timeout, expire)
+    timer.start()
+    tail: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.info("[%s] %s", label, line.rstrip())
+            tail = (tail + [line.rstrip()])[-20:]
+        proc.wait()
+    finally:  # also when Airflow's execution_timeout interrupts this task
+        timer.cancel()
+        if proc.poll() is None:
+            _kill_tree(proc)
+    if timed_out.is_set():
+        raise TrainingError(f"{what} passed pipeline.train_timeout_s = {timeout}s and was "
+                            "killed; last lines:\n" + "\n".join(tail))
+    if proc.returncode != 0:
+        raise TrainingError(f"{what} exited with {proc.returncode}; last lines:\n"
+                            + "\n".join(tail))
+
+
 def train(
     cfg: Config, family: str, *, architecture: str | None = None, dataset_version: int,
     parent_run_id: str | None = None, tags: dict[str, str] | None = None,
@@ -114,43 +152,59 @@ def train(
             cmd += ["--architecture", architecture]
         if parent_run_id:
             cmd += ["--parent-run-id", parent_run_id]
-        env = {**os.environ, "LEUKOFLOW_HOME": str(cfg.home), **config_env(overrides)}
-        timeout = cfg.pipeline.train_timeout_s
-        log.info("starting (time limit %ds) %s", timeout, " ".join(cmd))
-        # A session of its own, so a time-out (or this task being killed) ends the child's
-        # whole process tree, data-loader workers included.
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1, start_new_session=True)
-        timed_out = threading.Event()
-
-        def expire() -> None:
-            timed_out.set()
-            _kill_tree(proc)
-
-        timer = threading.Timer(timeout, expire)
-        timer.start()
-        tail: list[str] = []
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                log.info("[%s] %s", family, line.rstrip())
-                tail = (tail + [line.rstrip()])[-20:]
-            proc.wait()
-        finally:  # also when Airflow's execution_timeout interrupts this task
-            timer.cancel()
-            if proc.poll() is None:
-                _kill_tree(proc)
         what = f"{family} training ({architecture or 'default'})"
-        if timed_out.is_set():
-            raise TrainingError(f"{what} passed pipeline.train_timeout_s = {timeout}s and was "
-                                "killed; last lines:\n" + "\n".join(tail))
-        if proc.returncode != 0 or not out.exists():
-            raise TrainingError(f"{what} exited with {proc.returncode}; last lines:\n"
-                                + "\n".join(tail))
+        _run_child(cfg, cmd, what, family, overrides)
+        if not out.exists():
+            raise TrainingError(f"{what} wrote no candidate record")
         candidate = Candidate.from_dict(json.loads(out.read_text()))
     log.info("%s %s: %s", family, candidate.architecture,
              {k: round(v, 4) for k, v in candidate.metrics.items() if "__" not in k})
     return candidate.to_dict()
+
+
+def subject_cv(cfg: Config, architecture: str, *, dataset_version: int,
+               folds: int | None = None, parent_run_id: str | None = None,
+               overrides: dict[str, Any] | None = None,
+               only_if_small: bool = False) -> dict[str, Any] | None:
+    """Leave-subjects-out CV of one classifier architecture, in its own process
+    (``python -m training.classifier.cv``): retrained per fold, scored on unseen subjects.
+
+    ``only_if_small`` (the retrain DAG): run only when the smallest class has fewer subjects
+    than ``cv.run_below_subjects_per_class``; otherwise None, and the log says why.
+    """
+    if only_if_small:
+        from training.classifier.cv import min_subjects_per_class, wanted
+        from training.data.dataset import load_manifest
+
+        df, _ = load_manifest(cfg, dataset_version)
+        cells = df[(df["kind"] == "cell") & df["label"].isin(cfg.data.classes)]
+        fewest = min_subjects_per_class(cells, list(cfg.data.classes)) if len(cells) else 0
+        if fewest < 2:
+            log.warning("leave-subjects-out CV of %s cannot run: a class has %d subject(s), and "
+                        "a fold that holds out a class's only subject cannot train on it",
+                        architecture, fewest)
+            return None
+        if not wanted(cfg, cells):
+            log.info("leave-subjects-out CV of %s skipped: the smallest class has %d subjects, "
+                     "cv.run_below_subjects_per_class = %d", architecture, fewest,
+                     cfg.cv.run_below_subjects_per_class)
+            return None
+        log.info("few subjects (%d in the smallest class < cv.run_below_subjects_per_class = "
+                 "%d): leave-subjects-out CV of %s", fewest,
+                 cfg.cv.run_below_subjects_per_class, architecture)
+    with tempfile.TemporaryDirectory(prefix="leukoflow-cv-") as tmp:
+        out = Path(tmp) / "cv.json"
+        cmd = [sys.executable, "-m", "training.classifier.cv", "--architecture", architecture,
+               "--dataset-version", str(dataset_version), "--out", str(out)]
+        if folds:
+            cmd += ["--folds", str(folds)]
+        if parent_run_id:
+            cmd += ["--parent-run-id", parent_run_id]
+        what = f"leave-subjects-out CV ({architecture})"
+        _run_child(cfg, cmd, what, "cv", overrides)
+        if not out.exists():
+            raise TrainingError(f"{what} wrote no summary")
+        return json.loads(out.read_text())
 
 
 def _kill_tree(proc: subprocess.Popen[str]) -> None:
@@ -188,31 +242,54 @@ def log_comparison(cfg: Config, candidates: list[Candidate], parent_run_id: str,
                  len(rows), parent_run_id)
 
 
-def _rank_key(family: Any, cfg: Config, candidate: Candidate) -> tuple[float, str]:
-    """Candidates are chosen on validation rows when every one has them, never on test rows
-    alone: the test rows are what the gate then judges the chosen one on."""
+def _selection_source(metric: str, cands: list[Candidate]) -> str:
+    """What candidates are ranked on: their leave-subjects-out CV (``cv/``) when every one has
+    it (unseen patients, the figure that predicts deployment), else validation rows (``val/``),
+    else, only then, the test rows the gate judges the chosen one on."""
+    for prefix in ("cv/", "val/"):
+        if all(f"{prefix}{metric}" in c.metrics for c in cands):
+            return prefix
+    return ""
+
+
+def _rank_key(family: Any, cfg: Config, candidate: Candidate,
+              source: str = "") -> tuple[float, str]:
     metric = family.gate_metric(cfg)
     worst = family.best_value()
-    value = candidate.metrics.get(f"val/{metric}", candidate.metrics.get(metric, worst))
+    value = candidate.metrics.get(f"{source}{metric}", candidate.metrics.get(metric, worst))
     return (value if family.higher_is_better else -value), candidate.architecture
+
+
+def _with_cv(candidates: list[Candidate],
+             cv_results: list[dict[str, Any] | None] | None) -> list[Candidate]:
+    """Each classifier candidate gains the ``cv/*`` metrics of its architecture's CV run."""
+    by_arch = {r["architecture"]: r for r in (cv_results or []) if r}
+    for c in candidates:
+        r = by_arch.get(c.architecture)
+        if c.family == "classifier" and r:
+            c.metrics.update(r["metrics"])
+    return candidates
 
 
 def promote_best(cfg: Config, candidates: list[dict[str, Any] | None], tags: dict[str, str],
                  parent_run_id: str | None = None,
-                 expected: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
+                 expected: dict[str, list[str]] | None = None,
+                 cv_results: list[dict[str, Any] | None] | None = None,
+                 ) -> list[dict[str, Any]]:
     """Per family, register the best candidate and let the gate decide on ``champion``.
 
     ``candidates`` may hold None for a training that failed (the DAG's promote runs once every
     training is done): the others are still judged, and ``expected`` (family -> architectures
     that were to be trained) names the missing ones in the log, the parent run and a
-    notification. The best is chosen on validation metrics (``val/<gate metric>``) when every
-    candidate of the family has them, else on the gated metric, and the choice is logged.
+    notification. The best is chosen on leave-subjects-out CV metrics (``cv/<gate metric>``)
+    when every candidate of the family has them, else on validation metrics (``val/``), else
+    on the gated metric, and the choice is logged.
     """
     from training.notify import notify
     from training.promotion.aliases import promote
 
     by_family: dict[str, list[Candidate]] = {}
-    for c in (Candidate.from_dict(d) for d in candidates if d):
+    for c in _with_cv([Candidate.from_dict(d) for d in candidates if d], cv_results):
         by_family.setdefault(c.family, []).append(c)
     failed = {fam: sorted(set(archs) - {c.architecture for c in by_family.get(fam, [])})
               for fam, archs in (expected or {}).items()}
@@ -227,11 +304,12 @@ def promote_best(cfg: Config, candidates: list[dict[str, Any] | None], tags: dic
     for name, cands in sorted(by_family.items()):
         family = get_family(name)
         metric = family.gate_metric(cfg)
-        on_val = all(f"val/{metric}" in c.metrics for c in cands)
-        best = max(cands, key=lambda c: _rank_key(family, cfg, c))
+        source = _selection_source(metric, cands)
+        best = max(cands, key=lambda c: _rank_key(family, cfg, c, source))
         if len(cands) > 1:
             log.info("%s: chose %s of %s on %s %s", name, best.architecture,
-                     [c.architecture for c in cands], "validation" if on_val else "test",
+                     [c.architecture for c in cands], {"cv/": "leave-subjects-out CV",
+                                                      "val/": "validation"}.get(source, "test"),
                      metric)
         p = promote(cfg, best, tags)
         log.info("%s v%s (%s): %s - %s", p.model_name, p.version, best.architecture,

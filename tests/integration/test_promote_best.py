@@ -37,6 +37,22 @@ def test_the_best_on_validation_is_gated_and_a_failed_one_is_named(cfg, caplog) 
     assert "training_failed" in text and "xception" in text
 
 
+def test_the_leave_subjects_out_cv_outranks_validation_when_every_candidate_has_it(
+        cfg, caplog) -> None:
+    """A candidate that looks best on the few validation patients but not on unseen ones."""
+    def cand(arch: str, val: float, cv: float) -> dict:
+        return scored_candidate(cfg, 0.8, architecture=arch, extra={
+            "val/balanced_accuracy": val, "cv/balanced_accuracy": cv}).to_dict()
+
+    with caplog.at_level(logging.INFO):
+        promotions = promote_best(cfg, [cand("vgg16", 0.95, 0.55), cand("resnet50", 0.80, 0.70)],
+                                  {"airflow_run_id": "r2"})
+    chosen = mlflow.MlflowClient().get_model_version(cfg.mlflow.classifier_name,
+                                                     promotions[0]["version"])
+    assert chosen.tags["architecture"] == "resnet50"
+    assert "chose resnet50 of ['vgg16', 'resnet50'] on leave-subjects-out CV" in caplog.text
+
+
 def test_a_refusal_is_notified(cfg, caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="leukoflow.notify"):
         promotions = promote_best(cfg, [_candidate(cfg, "vgg16", test=0.4, val=0.4)], {})
