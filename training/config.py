@@ -74,6 +74,11 @@ class ValidationConfig(_Section):
     # pHash bits that may differ for two images to be near-duplicate candidates (then confirmed
     # by pixels): the test-leak check and the split's twin check (training.data.leakage)
     near_duplicate_hamming: int = Field(4, ge=0, le=64)
+    # drift of a batch against the champion's training rows (training.data.drift): MMD² of image
+    # statistics above this is a batch-level GX warning (never a quarantine or rejection)
+    drift_threshold: float = Field(0.1, ge=0)
+    drift_reference_images: int = Field(200, ge=2)  # seeded sample of the champion's train rows
+    drift_permutations: int = Field(200, ge=1)  # for the permutation p-value
 
     @field_validator("allowed_modes")
     @classmethod
