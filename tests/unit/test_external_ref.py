@@ -26,3 +26,15 @@ def test_model_references(given: str, uri: str, name: str | None, version: str |
 def test_an_unreadable_reference_says_what_is_accepted() -> None:
     with pytest.raises(ConfigError, match="leukemia-classifier@champion"):
         parse_model_ref("leukemia-classifier:3")
+
+
+def test_the_model_page_lists_the_versions_external_evaluations() -> None:
+    from types import SimpleNamespace
+
+    from serving.webapp.pages_data import _version_row
+
+    summary = "external other-lab (n=16): balanced_accuracy=0.7500"
+    mv = SimpleNamespace(version="3", creation_timestamp=0, run_id="r1",
+                         tags={"evaluation.abc123": summary, "architecture": "vgg16"})
+    row = _version_row(mv, "balanced_accuracy", {"champion": "3"})
+    assert row["evaluations"] == [{"run_id": "abc123", "summary": summary}]
