@@ -79,6 +79,7 @@ class ValidationConfig(_Section):
     drift_threshold: float = Field(0.1, ge=0)
     drift_reference_images: int = Field(200, ge=2)  # seeded sample of the champion's train rows
     drift_permutations: int = Field(200, ge=1)  # for the permutation p-value
+    drift_embedding: bool = False  # also the champion's embedding (a TF child process a batch)
 
     @field_validator("allowed_modes")
     @classmethod

@@ -381,3 +381,25 @@ def test_evaluate_on_a_folder_reproduces_the_logged_test_metrics(trained: dict,
     table = pd.read_csv(mlflow.artifacts.download_artifacts(
         f"runs:/{out['run_id']}/predictions/external.csv"))
     assert len(table) == len(test) and set(table["sha256"]) == set(test["sha256"])
+
+
+def test_embedding_drift_child_scores_a_batch_in_the_models_own_features(trained: dict,
+                                                                          tmp_path: Path) -> None:
+    """The ingest's embedding child (TF, own process) on the logged model: train rows as the
+    reference, the test rows as the batch."""
+    cfg, mlflow, client = _mlflow(trained["home"])
+    cand = json.loads(trained["out"].read_text())
+    model_dir = mlflow.artifacts.download_artifacts(cand["model_uri"], dst_path=str(tmp_path))
+    df, _ = load_manifest(cfg, trained["version"])
+    for split in ("train", "test"):
+        paths = [str(trained["home"] / "curated" / k) for k in df.loc[df["split"] == split, "key"]]
+        (tmp_path / f"{split}.txt").write_text("\n".join(paths))
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.classifier.embedding", "--model-dir", model_dir,
+         "--reference", str(tmp_path / "train.txt"), "--batch", str(tmp_path / "test.txt"),
+         "--permutations", "50", "--out", str(tmp_path / "out.json")],
+        cwd=ROOT, env=_child_env(trained["home"]), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["n_reference"] == 16 and out["n_batch"] == 16 and out["dimensions"] > 1
+    assert out["score"] >= 0 and 0 < out["p_value"] <= 1

@@ -9,9 +9,12 @@ histograms (:data:`FEATURES`). The score is the maximum mean discrepancy (MMD²,
 median-distance bandwidth, features standardised by the reference) with a permutation p-value;
 a per-feature standardised mean shift says *what* moved.
 
-Where it runs: in the ingest task itself (numpy and PIL only). The champion's embedding
-(penultimate-layer features) would need TensorFlow, which the ingest process must not import
-where it may also hold torch; an embedding test is not part of ingest (see docs/drift.md).
+Where it runs: the image statistics in the ingest task itself (numpy and PIL only). The
+champion's own embedding (penultimate-layer features, MMD² too) needs TensorFlow, which the
+ingest process must not import where it may also hold torch: with
+``validation.drift_embedding`` on and a classifier champion present, a child process
+(``python -m training.classifier.embedding``) computes it for cell batches. It is off by
+default because it costs a TensorFlow start and two forward passes per batch.
 
 The GX suite carries the score as a batch-level **warning** (``drift``, threshold
 ``validation.drift_threshold``): a drifted batch is reported to the steward, in the report and
@@ -84,15 +87,18 @@ def _mmd2(k: np.ndarray, n_ref: int) -> float:
 
 
 def drift_score(reference: np.ndarray, batch: np.ndarray, *, n_permutations: int = 200,
-                seed: int = 0) -> dict[str, Any]:
+                seed: int = 0, names: list[str] | None = FEATURES) -> dict[str, Any]:
     """MMD² between feature rows of the reference and the batch, its permutation p-value and
-    the standardised mean shift of every feature (``shift.<feature>``, in reference SDs)."""
+    the standardised mean shift of every feature (``shift.<feature>``, in reference SDs).
+
+    ``names``: the columns (default :data:`FEATURES`); None for unnamed features such as an
+    embedding (then no per-feature shifts are returned)."""
     reference, batch = np.asarray(reference, float), np.asarray(batch, float)
     if len(reference) < 2 or len(batch) < 2:
         raise ValueError(f"need at least 2 images a side, got {len(reference)} reference and "
                          f"{len(batch)} batch images")
     mean = reference.mean(axis=0)
-    floor = np.array([_STD_FLOOR.get(f, 1e-3) for f in FEATURES])
+    floor = np.array([_STD_FLOOR.get(f, 1e-3) for f in names] if names else 1e-3)
     std = np.maximum(reference.std(axis=0), floor)
     pooled = (np.vstack([reference, batch]) - mean) / std
     sq = np.square(pooled).sum(axis=1)
@@ -110,7 +116,8 @@ def drift_score(reference: np.ndarray, batch: np.ndarray, *, n_permutations: int
     shift = (batch.mean(axis=0) - mean) / std
     return {"score": score, "p_value": (exceed + 1) / (n_permutations + 1),
             "n_reference": n_ref, "n_batch": len(batch), "bandwidth": bandwidth,
-            "shift": {f: float(s) for f, s in zip(FEATURES, shift, strict=True)}}
+            "dimensions": reference.shape[1],
+            "shift": {f: float(s) for f, s in zip(names, shift, strict=True)} if names else {}}
 
 
 @dataclass
@@ -127,6 +134,10 @@ class DriftResult:
     n_batch: int = 0
     top_shifts: dict[str, float] = field(default_factory=dict)  # the 5 largest |shift|
     note: str = ""
+    # the champion's own embedding (validation.drift_embedding; cells only, a TF child process)
+    embedding_score: float | None = None
+    embedding_p_value: float | None = None
+    embedding_note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,7 +146,7 @@ class DriftResult:
 _FAMILY_OF_KIND = {"cell": "classifier", "field": "detector"}
 
 
-def _reference_paths(cfg: Config, kind: str) -> tuple[list[str], str] | None:
+def _reference_paths(cfg: Config, kind: str) -> tuple[list[str], str, str, str] | None:
     """Local paths of a seeded sample of the champion's training rows of ``kind``, and what
     they are; None when that family has no champion (yet)."""
     from mlflow import MlflowClient
@@ -165,7 +176,36 @@ def _reference_paths(cfg: Config, kind: str) -> tuple[list[str], str] | None:
         rows = rows.sample(n=n, random_state=0)
     rows = materialize(cfg, rows, cfg.home / "cache")
     return list(rows["path"]), (f"{name} v{version}, dataset version {data_version} "
-                                f"(train split, {len(rows)} images)")
+                                f"(train split, {len(rows)} images)"), name, version
+
+
+def _embedding_drift(cfg: Config, name: str, version: str, reference: list[str],
+                     batch: list[str]) -> dict[str, Any]:
+    """MMD² of the champion classifier's penultimate-layer features, in a child process."""
+    import subprocess
+    import sys
+    import tempfile
+
+    import mlflow
+
+    with tempfile.TemporaryDirectory(prefix="drift-", dir=cfg.state_dir) as tmp:
+        work = Path(tmp)
+        model_dir = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{version}", dst_path=str(work / "model"))
+        (work / "ref.txt").write_text("\n".join(reference))
+        (work / "batch.txt").write_text("\n".join(batch))
+        proc = subprocess.run(
+            [sys.executable, "-m", "training.classifier.embedding", "--model-dir", model_dir,
+             "--reference", str(work / "ref.txt"), "--batch", str(work / "batch.txt"),
+             "--permutations", str(cfg.validation.drift_permutations),
+             "--out", str(work / "out.json")],
+            capture_output=True, text=True, timeout=cfg.pipeline.task_timeout_s)
+        if proc.returncode != 0:
+            raise RuntimeError(f"embedding child exited {proc.returncode}: "
+                               f"{proc.stderr.strip()[-500:]}")
+        import json
+
+        return json.loads((work / "out.json").read_text())
 
 
 def batch_drift(cfg: Config, root: Path, frame: pd.DataFrame) -> DriftResult:
@@ -183,17 +223,30 @@ def batch_drift(cfg: Config, root: Path, frame: pd.DataFrame) -> DriftResult:
         if ref is None:
             return DriftResult("no_reference", threshold,
                                note=f"no {_FAMILY_OF_KIND[kind]} champion to compare with yet")
-        ref_paths, described = ref
+        ref_paths, described, name, version = ref
+        batch_paths = [str(Path(root) / p) for p in ok.loc[ok["kind"] == kind, "path"]]
         reference = _features(ref_paths)
-        batch = _features([str(Path(root) / p) for p in ok.loc[ok["kind"] == kind, "path"]])
+        batch = _features(batch_paths)
         out = drift_score(reference, batch, n_permutations=cfg.validation.drift_permutations)
     except Exception as exc:  # noqa: BLE001 - drift is advice: never let it sink an ingest
         log.warning("drift of the batch could not be measured: %s", exc)
         return DriftResult("unavailable", threshold, note=f"{type(exc).__name__}: {exc}"[:500])
     top = dict(sorted(out["shift"].items(), key=lambda kv: -abs(kv[1]))[:5])
-    return DriftResult("measured", threshold, score=out["score"], p_value=out["p_value"],
-                       drifted=out["score"] > threshold, reference=described,
-                       n_reference=out["n_reference"], n_batch=out["n_batch"], top_shifts=top)
+    result = DriftResult("measured", threshold, score=out["score"], p_value=out["p_value"],
+                         drifted=out["score"] > threshold, reference=described,
+                         n_reference=out["n_reference"], n_batch=out["n_batch"], top_shifts=top)
+    if not cfg.validation.drift_embedding or kind != "cell":
+        result.embedding_note = ("off (validation.drift_embedding)" if kind == "cell" else
+                                 "cells only")
+        return result
+    try:
+        emb = _embedding_drift(cfg, name, version, ref_paths, batch_paths)
+        result.embedding_score, result.embedding_p_value = emb["score"], emb["p_value"]
+        result.embedding_note = f"{emb['dimensions']}-d penultimate layer of {name} v{version}"
+    except Exception as exc:  # noqa: BLE001 - advice again: the statistics still stand
+        log.warning("embedding drift of the batch could not be measured: %s", exc)
+        result.embedding_note = f"unavailable: {type(exc).__name__}: {exc}"[:500]
+    return result
 
 
 def log_drift(cfg: Config, batch_id: str, drift: DriftResult) -> str | None:
@@ -212,6 +265,9 @@ def log_drift(cfg: Config, batch_id: str, drift: DriftResult) -> str | None:
                                     "drifted": str(drift.drifted)}) as run:
             mlflow.log_params({"drift_threshold": drift.threshold,
                                "n_reference": drift.n_reference, "n_batch": drift.n_batch})
+            if drift.embedding_score is not None:
+                mlflow.log_metrics({"drift_embedding_score": drift.embedding_score,
+                                    "drift_embedding_p_value": float(drift.embedding_p_value)})
             mlflow.log_metrics({"drift_score": float(drift.score or 0.0),
                                 "drift_p_value": float(drift.p_value or 1.0),
                                 **{f"drift_shift.{k}": v for k, v in drift.top_shifts.items()}})

@@ -139,7 +139,12 @@ def _drift_html(drift: dict[str, Any] | None) -> str:
     return (f"<h2>Drift</h2><p>MMD² of image statistics {drift['score']:.4f} (threshold "
             f"{drift['threshold']:.4f}, permutation p = {drift['p_value']:.3f}): {verdict}. "
             f"Reference: {_cell(drift['reference'])}; {drift['n_batch']} batch images.</p>"
-            f"<p>Largest mean shifts (in reference SDs):</p><ul>{shifts}</ul>")
+            f"<p>Largest mean shifts (in reference SDs):</p><ul>{shifts}</ul>"
+            + (f"<p>Champion's embedding: MMD² {drift['embedding_score']:.4f} (permutation p = "
+               f"{drift['embedding_p_value']:.3f}; {_cell(drift['embedding_note'])}).</p>"
+               if drift.get("embedding_score") is not None else
+               f"<p>Champion's embedding: {_cell(drift.get('embedding_note') or 'not measured')}"
+               "</p>"))
 
 
 def _page(summary: dict[str, Any], rows: pd.DataFrame, root: Path,
