@@ -218,6 +218,11 @@ def batch_drift(cfg: Config, root: Path, frame: pd.DataFrame) -> DriftResult:
     if kinds.empty or kinds.index[0] not in _FAMILY_OF_KIND:
         return DriftResult("no_reference", threshold, note="no decodable cell or field images")
     kind = str(kinds.index[0])
+    uri = cfg.tracking_uri
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        # no tracking database, so no registry and no champion: skip importing MLflow at all
+        return DriftResult("no_reference", threshold,
+                           note=f"no {_FAMILY_OF_KIND[kind]} champion to compare with yet")
     try:
         ref = _reference_paths(cfg, kind)
         if ref is None:
