@@ -143,8 +143,14 @@ class ClassifierService:
     bento_model = bentoml.models.BentoModel(CLASSIFIER_TAG) if CLASSIFIER_TAG else None
 
     def __init__(self) -> None:
-        from training.classifier.predict import load_classifier_runtime, predict_array
+        from training.classifier.predict import (
+            apply_temperature,
+            load_classifier_runtime,
+            model_temperature,
+            predict_array,
+        )
 
+        self._apply_temperature = apply_temperature
         self._predict_array = predict_array
         stored = self.bento_model
         self.model_dir = Path(stored.path)
@@ -154,6 +160,7 @@ class ClassifierService:
         self._keras: Any = None if self.runtime == "onnxruntime" else self.model
         self.params = PreprocessParams.from_dict(self.metadata["preprocess"])
         self.classes = [str(c) for c in self.metadata["classes"]]
+        self.temperature = model_temperature(self.metadata)  # calibration fitted at training
         self.ref = _model_ref(stored, stored.tag.name)
         log.info("classifier %s v%s (%s) loaded from %s in pid %d", self.ref.name,
                  self.ref.version, self.runtime, stored.tag, os.getpid())
@@ -171,8 +178,9 @@ class ClassifierService:
                  max_latency_ms=_SERVING.batch_max_latency_ms)
     def classify_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """Probabilities ``(n, k)`` of preprocessed uint8 pixels ``(n, size, size, 3)``."""
-        return self._predict_array(self.model, pixels.astype(np.float32),
-                                   batch_size=_SERVING.batch_max_size)
+        return self._apply_temperature(
+            self._predict_array(self.model, pixels.astype(np.float32),
+                                batch_size=_SERVING.batch_max_size), self.temperature)
 
     def _keras_model(self) -> Any:
         if self._keras is None:
@@ -187,7 +195,8 @@ class ClassifierService:
         ``(size, size, 3)``: ``{"png", "label", "probability", "model"}``."""
         from training.classifier.gradcam import gradcam_heatmap, overlay_png
 
-        probs = self._predict_array(self.model, pixels.astype(np.float32))[0]
+        probs = self._apply_temperature(
+            self._predict_array(self.model, pixels.astype(np.float32)), self.temperature)[0]
         best = int(probs.argmax())
         heatmap = gradcam_heatmap(self._keras_model(), pixels.astype(np.float32),
                                   class_index=best, layer_name=self.metadata.get("gradcam_layer"))

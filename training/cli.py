@@ -142,6 +142,33 @@ def train(ctx: click.Context, family: str, architecture: str | None,
     _echo_json(train(cfg, family, architecture=architecture, dataset_version=version))
 
 
+@main.command()
+@click.argument("model")
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--bootstrap", "n_bootstrap", type=int, default=1000, show_default=True,
+              help="Bootstrap resamples for the 95 % CIs (0: none).")
+@click.pass_context
+def evaluate(ctx: click.Context, model: str, path: Path, n_bootstrap: int) -> None:
+    """Score MODEL on the labelled folder PATH (any supported layout) without curating it.
+
+    MODEL: leukemia-classifier@champion, leukemia-classifier/3, runs:/<run id>/model.
+    Logs an MLflow evaluation run (split kind 'external') linked to the model; prints its report.
+    """
+    from training.external import evaluate_folder
+
+    report = evaluate_folder(_cfg(ctx), model, path, n_bootstrap=n_bootstrap)
+    m = report["metrics"]
+    headline = {k: m[k] for k in ("n_test", "accuracy", "balanced_accuracy", "f1_macro",
+                                  "roc_auc", "ece", "n_subjects") if k in m}
+    for k in ("accuracy", "balanced_accuracy", "roc_auc"):
+        if f"{k}_ci_low" in m:
+            headline[f"{k}_95ci"] = [m[f"{k}_ci_low"], m[f"{k}_ci_high"]]
+    _echo_json({"run_id": report["run_id"], "model": report["model"]["uri"],
+                "split_kind": report["split_kind"], "layout": report["layout"],
+                "skipped": report["skipped"], "n_seen_in_training": report["n_seen_in_training"],
+                "metrics": headline})
+
+
 @main.command("cv")
 @click.option("--architecture", default=None, help="Classifier architecture (see models list).")
 @click.option("--dataset-version", type=int, default=None, help="Default: newest.")

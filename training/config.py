@@ -74,6 +74,12 @@ class ValidationConfig(_Section):
     # pHash bits that may differ for two images to be near-duplicate candidates (then confirmed
     # by pixels): the test-leak check and the split's twin check (training.data.leakage)
     near_duplicate_hamming: int = Field(4, ge=0, le=64)
+    # drift of a batch against the champion's training rows (training.data.drift): MMD² of image
+    # statistics above this is a batch-level GX warning (never a quarantine or rejection)
+    drift_threshold: float = Field(0.1, ge=0)
+    drift_reference_images: int = Field(200, ge=2)  # seeded sample of the champion's train rows
+    drift_permutations: int = Field(200, ge=1)  # for the permutation p-value
+    drift_embedding: bool = False  # also the champion's embedding (a TF child process a batch)
 
     @field_validator("allowed_modes")
     @classmethod
@@ -145,6 +151,10 @@ class ClassifierConfig(_Section):
     # with this classical classifier; it is also the architecture `handcrafted_baseline`.
     baseline: bool = True
     baseline_model: str = "logistic_regression"
+    # fit one temperature T on the val rows after training, store it with the model, serve
+    # softmax(log p / T): the argmax (hence every gated metric) is unchanged, only the
+    # probabilities become calibrated (training.evaluation.calibration)
+    temperature_scaling: bool = True
     augmentation: AugmentationConfig = AugmentationConfig()
     seed: int = 42
 

@@ -62,7 +62,10 @@ def _version_row(mv: Any, metric: str, aliases: dict[str, str]) -> dict[str, Any
             "gate_passed": tags.get("gate_passed"), "gate_reasons": _reasons(
                 tags.get("gate_reasons")),
             "rolled_back": tags.get("rolled_back", ""),
-            "has_card": "model_card" in tags, "run_id": mv.run_id}
+            "has_card": "model_card" in tags, "run_id": mv.run_id,
+            # `leukoflow evaluate` runs on external folders (training.external tags them)
+            "evaluations": [{"run_id": k.removeprefix("evaluation."), "summary": v}
+                            for k, v in sorted(tags.items()) if k.startswith("evaluation.")]}
 
 
 def registered_models(cfg: Config) -> list[dict[str, Any]]:
@@ -100,8 +103,9 @@ def model_history(cfg: Config, name: str) -> dict[str, Any]:
     rows = sorted((_version_row(mv, metric, aliases) for mv in versions),
                   key=lambda r: int(r["version"]), reverse=True)
     champion = next((r for r in rows if "champion" in r["aliases"]), None)
+    evaluations = [{"version": r["version"], **e} for r in rows for e in r["evaluations"]]
     return {"name": name, "family": family.name, "versions": rows, "champion": champion,
-            "metric": metric}
+            "metric": metric, "evaluations": evaluations}
 
 
 def card_html(cfg: Config, name: str, version: str) -> str:

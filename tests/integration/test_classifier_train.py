@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -175,7 +176,7 @@ def test_run_has_params_epoch_metrics_and_artifacts(trained: dict) -> None:
     names |= {a.path for d in ("plots", "predictions")
               for a in client.list_artifacts(cand["run_id"], d)}
     for expected in ("config.json", "candidate.json", "plots/confusion_matrix.png",
-                     "plots/roc_curves.png", "predictions/test.csv"):
+                     "plots/roc_curves.png", "plots/reliability.png", "predictions/test.csv"):
         assert expected in names, (expected, names)
     logged_cfg = mlflow.artifacts.load_dict(f"runs:/{cand['run_id']}/config.json")
     assert logged_cfg["classifier"]["image_size"] == 32
@@ -187,6 +188,13 @@ def test_run_has_params_epoch_metrics_and_artifacts(trained: dict) -> None:
     assert meta["preprocess"] == {"image_size": 32, "source_size": 450, "segmentation": "none",
                                   "stain": "none", "stain_reference": []}
     assert meta["model_kind"] == "keras"
+    # calibration: T fitted on the val rows (on by default), stored with the model, and the
+    # test ECE before and after it logged beside the metrics
+    assert params["temperature_scaling"] == "True"
+    assert meta["temperature"] == pytest.approx(float(params["temperature"]))
+    assert run.data.metrics["temperature"] == pytest.approx(meta["temperature"])
+    for key in ("ece", "ece_uncalibrated", "val/ece", "val/ece_uncalibrated"):
+        assert 0.0 <= run.data.metrics[key] <= 1.0, key
     # raw images in, preprocessed by the pyfunc itself: no tensor signature to enforce
     assert info.signature is None
 
@@ -217,7 +225,7 @@ def test_logged_model_loads_and_predicts_probabilities(trained: dict) -> None:
         from pathlib import Path
         import mlflow, mlflow.pyfunc, numpy as np, pandas as pd
         from PIL import Image
-        from training.classifier.predict import load_classifier, predict_proba
+        from training.classifier.predict import load_classifier, model_temperature, predict_proba
         from training.config import load_config
         from training.data.dataset import load_manifest, materialize
         from training.preprocess import PreprocessParams
@@ -237,7 +245,8 @@ def test_logged_model_loads_and_predicts_probabilities(trained: dict) -> None:
         from_bytes = py.predict([Path(p).read_bytes() for p in test["path"]])[cols].to_numpy()
         model_dir = Path(mlflow.artifacts.download_artifacts(cand["model_uri"]))
         model, meta = load_classifier(model_dir)
-        direct = predict_proba(model, images, PreprocessParams.from_dict(meta["preprocess"]))
+        direct = predict_proba(model, images, PreprocessParams.from_dict(meta["preprocess"]),
+                               model_temperature(meta))
         logged = pd.read_csv(mlflow.artifacts.download_artifacts(
             f"runs:/{cand['run_id']}/predictions/test.csv"))
         logged = logged.set_index("sha256").loc[list(test["sha256"])]
@@ -290,7 +299,8 @@ def test_champion_is_evaluated_on_the_same_test_set(trained: dict) -> None:
     champ = second["champion_metrics"]
     quality = {k for k in first["metrics"]
                if k not in ("train_time_s", "latency_ms_per_image", "total_params",
-                            "trainable_params") and not k.startswith(("val/", "baseline/"))
+                            "trainable_params", "ece_uncalibrated", "temperature")
+               and not k.startswith(("val/", "baseline/"))
                # subjects per split describe the run's data, not a scoring of its test rows
                and not k.startswith(("n_subjects_train", "n_subjects_val", "n_subjects_test"))}
     assert set(champ) == quality
@@ -324,3 +334,80 @@ def test_no_dataset_fails_with_one_clear_line(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: DataValidationError:") and "validate a batch first" in last
+
+
+def test_evaluate_on_a_folder_reproduces_the_logged_test_metrics(trained: dict,
+                                                                 tmp_path: Path) -> None:
+    """`leukoflow evaluate <name>/<version> FOLDER` on a folder of the run's test rows (a
+    manifest.csv layout, never curated) reproduces the test metrics the training run logged,
+    as an evaluation run of split kind 'external' linked to the model and tagged on the version."""
+    home = trained["home"]
+    cfg, mlflow, client = _mlflow(home)
+    cand = json.loads(trained["out"].read_text())
+    mv = mlflow.register_model(cand["model_uri"], cfg.mlflow.classifier_name)
+    df, _ = load_manifest(cfg, trained["version"])
+    test = df[df["split"] == "test"]
+    folder = tmp_path / "other-lab"
+    folder.mkdir()
+    lines = ["path,label,subject_id"]
+    for row in test.itertuples():
+        shutil.copyfile(home / "curated" / row.key, folder / f"{row.sha256[:12]}.png")
+        lines.append(f"{row.sha256[:12]}.png,{row.label},{row.subject_id}")
+    (folder / "manifest.csv").write_text("\n".join(lines) + "\n")
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.cli", "evaluate",
+         f"{cfg.mlflow.classifier_name}/{mv.version}", str(folder)],
+        cwd=ROOT, env=_child_env(home), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert out["split_kind"] == "external" and out["layout"] == "manifest"
+    assert out["n_seen_in_training"] == 0 and out["skipped"] == {}
+
+    logged = client.get_run(cand["run_id"]).data.metrics
+    evaluation = client.get_run(out["run_id"])
+    got = evaluation.data.metrics
+    assert got["n_test"] == logged["n_test"] == len(test)
+    same = ("accuracy", "balanced_accuracy", "f1_macro", "precision_macro", "recall_macro",
+            "specificity_macro", "roc_auc", "ece", "n_subjects",
+            # subject-level intervals: the same subjects resampled with the same seed
+            "accuracy_ci_low", "accuracy_ci_high", "balanced_accuracy_ci_low",
+            "balanced_accuracy_ci_high")
+    for key in same:
+        assert got[key] == pytest.approx(logged[key], abs=1e-6), key
+    assert evaluation.data.tags["split_kind"] == "external"
+    assert evaluation.data.tags["model_version"] == str(mv.version)
+    version = client.get_model_version(cfg.mlflow.classifier_name, mv.version)
+    assert f"evaluation.{out['run_id']}" in version.tags
+    model = mlflow.get_logged_model(cand["model_uri"].removeprefix("models:/"))
+    linked = {m.dataset_name for m in model.metrics if m.key == "balanced_accuracy"}
+    assert any(name.startswith("external-other-lab") for name in linked), linked
+    names = {a.path for d in ("plots", "predictions")
+             for a in client.list_artifacts(out["run_id"], d)}
+    assert {"plots/confusion_matrix.png", "plots/roc_curves.png", "plots/reliability.png",
+            "predictions/external.csv"} <= names
+    table = pd.read_csv(mlflow.artifacts.download_artifacts(
+        f"runs:/{out['run_id']}/predictions/external.csv"))
+    assert len(table) == len(test) and set(table["sha256"]) == set(test["sha256"])
+
+
+def test_embedding_drift_child_scores_a_batch_in_the_models_own_features(trained: dict,
+                                                                          tmp_path: Path) -> None:
+    """The ingest's embedding child (TF, own process) on the logged model: train rows as the
+    reference, the test rows as the batch."""
+    cfg, mlflow, client = _mlflow(trained["home"])
+    cand = json.loads(trained["out"].read_text())
+    model_dir = mlflow.artifacts.download_artifacts(cand["model_uri"], dst_path=str(tmp_path))
+    df, _ = load_manifest(cfg, trained["version"])
+    for split in ("train", "test"):
+        paths = [str(trained["home"] / "curated" / k) for k in df.loc[df["split"] == split, "key"]]
+        (tmp_path / f"{split}.txt").write_text("\n".join(paths))
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.classifier.embedding", "--model-dir", model_dir,
+         "--reference", str(tmp_path / "train.txt"), "--batch", str(tmp_path / "test.txt"),
+         "--permutations", "50", "--out", str(tmp_path / "out.json")],
+        cwd=ROOT, env=_child_env(trained["home"]), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["n_reference"] == 16 and out["n_batch"] == 16 and out["dimensions"] > 1
+    assert out["score"] >= 0 and 0 < out["p_value"] <= 1

@@ -48,6 +48,8 @@ def test_perfect_predictor_scores_one_everywhere() -> None:
             assert value == 20
         elif key.startswith("support__"):
             assert value == 5
+        elif key == "ece":  # calibration error: confident and right -> 0
+            assert value == pytest.approx(0.0)
         else:
             assert value == pytest.approx(1.0), key
 
@@ -189,7 +191,7 @@ def _valid_png(path) -> tuple[int, int]:
 def test_classification_plots_are_pngs(tmp_path) -> None:
     y, p = noisy_probs(120, 4, seed=8)
     paths = save_classification_plots(y, p, CLASSES4, tmp_path / "plots", title="unit")
-    assert [x.name for x in paths] == ["confusion_matrix.png", "roc_curves.png"]
+    assert [x.name for x in paths] == ["confusion_matrix.png", "roc_curves.png", "reliability.png"]
     for path in paths:
         w, h = _valid_png(path)
         assert w > 300 and h > 300

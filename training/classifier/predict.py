@@ -17,9 +17,9 @@ from training.errors import RegistryError
 from training.families import read_logged_model
 from training.preprocess import PreprocessParams, preprocess_image
 
-__all__ = ["ONNX_FILE", "PREDICT_BATCH", "OnnxClassifier", "load_classifier",
-           "load_classifier_runtime", "load_keras_model", "onnx_path", "postprocess_probs",
-           "predict_array", "predict_proba"]
+__all__ = ["ONNX_FILE", "PREDICT_BATCH", "OnnxClassifier", "apply_temperature", "load_classifier",
+           "load_classifier_runtime", "load_keras_model", "model_temperature", "onnx_path",
+           "postprocess_probs", "predict_array", "predict_proba"]
 
 PREDICT_BATCH = 32  # images per forward pass when predicting arrays
 ONNX_FILE = "onnx/model.onnx"  # inside a published model dir, written by training.publish.export
@@ -127,8 +127,37 @@ def predict_array(model: Any, x: Any, batch_size: int = PREDICT_BATCH) -> np.nda
     return postprocess_probs(np.concatenate(out))
 
 
-def predict_proba(model: Any, images: list[Image.Image], params: PreprocessParams) -> np.ndarray:
-    """Class probabilities ``(n, k)`` of PIL images, through the one preprocessing function."""
+def apply_temperature(probs: Any, temperature: float = 1.0) -> np.ndarray:
+    """``softmax(log p / T)`` row by row: the model's probabilities with its fitted temperature.
+
+    The one post-processing step of every classifier output (Keras, pyfunc, serving), so all
+    runtimes serve the same calibrated numbers. ``log p`` of a softmax output equals the logits
+    up to a per-row constant, so this is ``softmax(logits / T)``; ``T = 1`` returns ``probs``
+    unchanged, and the argmax never changes.
+    """
+    probs = np.asarray(probs, dtype=np.float32)
+    t = float(temperature)
+    if not t > 0 or not np.isfinite(t):
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    if t == 1.0 or probs.size == 0:
+        return probs
+    z = np.log(np.clip(probs.astype(np.float64), 1e-12, 1.0)) / t
+    z -= z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def model_temperature(meta: dict[str, Any]) -> float:
+    """The temperature stored in a logged model's metadata; 1.0 for models logged without one."""
+    return float(meta.get("temperature") or 1.0)
+
+
+def predict_proba(model: Any, images: list[Image.Image], params: PreprocessParams,
+                  temperature: float = 1.0) -> np.ndarray:
+    """Class probabilities ``(n, k)`` of PIL images, through the one preprocessing function,
+    scaled by the model's ``temperature`` (:func:`apply_temperature`)."""
     if not images:
         return predict_array(model, np.zeros((0, params.image_size, params.image_size, 3)))
-    return predict_array(model, np.stack([preprocess_image(im, params) for im in images]))
+    return apply_temperature(
+        predict_array(model, np.stack([preprocess_image(im, params) for im in images])),
+        temperature)

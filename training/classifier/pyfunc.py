@@ -22,9 +22,11 @@ __all__ = ["HandcraftedClassifierModel", "KerasClassifierModel"]
 class KerasClassifierModel(mlflow.pyfunc.PythonModel):
     """Class probabilities of cell images (see the module docstring)."""
 
-    def __init__(self, classes: list[str], preprocess: dict[str, Any]) -> None:
+    def __init__(self, classes: list[str], preprocess: dict[str, Any],
+                 temperature: float = 1.0) -> None:
         self.classes = [str(c) for c in classes]
         self.preprocess = dict(preprocess)
+        self.temperature = float(temperature)  # fitted on validation rows; 1.0 = unscaled
         self._model: Any = None
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
@@ -42,7 +44,8 @@ class KerasClassifierModel(mlflow.pyfunc.PythonModel):
         from training.preprocess import PreprocessParams, as_images
 
         probs = predict_proba(self._model, as_images(model_input),
-                              PreprocessParams.from_dict(self.preprocess))
+                              PreprocessParams.from_dict(self.preprocess),
+                              getattr(self, "temperature", 1.0))  # models pickled before T
         table = pd.DataFrame(probs, columns=[f"p_{c}" for c in self.classes])
         table.insert(0, "label", [self.classes[i] for i in probs.argmax(axis=1)]
                      if len(probs) else [])

@@ -27,7 +27,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from training.classifier.predict import load_classifier, postprocess_probs, predict_array
+from training.classifier.predict import (
+    apply_temperature,
+    load_classifier,
+    model_temperature,
+    postprocess_probs,
+    predict_array,
+)
 from training.config import Config
 from training.entry import run_candidate_entry
 from training.errors import ConfigError, DataValidationError, TrainingError
@@ -135,15 +141,41 @@ def _metrics(y_true: np.ndarray, y_prob: np.ndarray, classes: list[str],
                                   groups=groups)
 
 
-def _val_metrics(model: Any, part: pd.DataFrame, y: np.ndarray, classes: list[str],
-                 positive: str | None, params: PreprocessParams, batch_size: int,
-                 who: str) -> dict[str, float]:
+def _val_metrics(y_prob: np.ndarray, y: np.ndarray, classes: list[str],
+                 positive: str | None, who: str) -> dict[str, float]:
     """``val/*`` metrics: what architectures are chosen on (the test rows are for the gate)."""
-    if len(part) == 0:
+    if len(y) == 0:
         return {}
-    y_prob = _probabilities(model, list(part["path"]), params, batch_size)
     val = _metrics(y, y_prob, classes, positive, f"{who} (val)", n_bootstrap=0)
     return {f"val/{k}": v for k, v in val.items() if "__" not in k and "_ci_" not in k}
+
+
+def _temperature(cfg: Config, raw_val: np.ndarray | None, y_val: np.ndarray) -> float:
+    """The temperature fitted on the val rows (1.0 when scaling is off or there is no val)."""
+    import mlflow
+
+    from training.evaluation.calibration import fit_temperature
+
+    on = cfg.classifier.temperature_scaling and raw_val is not None
+    temperature = fit_temperature(y_val, raw_val) if on else 1.0
+    mlflow.log_params({"temperature_scaling": cfg.classifier.temperature_scaling,
+                       "temperature": temperature})
+    return temperature
+
+
+def _calibration(y_test: np.ndarray, raw_test: np.ndarray, raw_val: np.ndarray | None,
+                 y_val: np.ndarray, temperature: float) -> dict[str, float]:
+    """ECE before and after temperature scaling, on test (and val, where T was fitted).
+
+    ``ece`` itself (after scaling) comes with the test metrics; these are the comparison.
+    """
+    from training.evaluation.calibration import expected_calibration_error
+
+    out = {"ece_uncalibrated": expected_calibration_error(y_test, raw_test),
+           "temperature": float(temperature)}
+    if raw_val is not None and len(y_val):
+        out["val/ece_uncalibrated"] = expected_calibration_error(y_val, raw_val)
+    return out
 
 
 def _predictions_table(test: pd.DataFrame, y_prob: np.ndarray, classes: list[str]) -> pd.DataFrame:
@@ -216,7 +248,8 @@ def _evaluate_champion(
                     version, champ_classes, classes)
         return None, None, None
     params = PreprocessParams.from_dict(meta["preprocess"])
-    y_prob = _probabilities(model, list(test["path"]), params, batch_size)
+    y_prob = apply_temperature(_probabilities(model, list(test["path"]), params, batch_size),
+                               model_temperature(meta))  # served as the champion serves it
     y_prob = y_prob[:, [champ_classes.index(c) for c in classes]]
     metrics = _metrics(y_true, y_prob, classes, positive, f"champion v{version}",
                        groups=subject_groups(test))
@@ -284,7 +317,8 @@ def _log_model(model: Any, work: Path, meta: dict[str, Any], params: PreprocessP
     keras.Model(model.inputs, model.outputs, name=model.name).save(keras_path)
     info = mlflow.pyfunc.log_model(
         name="model",
-        python_model=KerasClassifierModel(classes=meta["classes"], preprocess=params.to_dict()),
+        python_model=KerasClassifierModel(classes=meta["classes"], preprocess=params.to_dict(),
+                                          temperature=meta["temperature"]),
         artifacts={"keras_model": str(keras_path)}, metadata=meta,
         pip_requirements=_pip_requirements(),
     )
@@ -428,19 +462,26 @@ def train_and_evaluate(
                                                                      len(classes), run)
         batch_size = int(hp["batch_size"])
         test_paths = list(part["test"]["path"])
-        y_prob = _probabilities(model, test_paths, params, batch_size)
+        raw_val = _probabilities(model, list(part["val"]["path"]), params,
+                                 batch_size) if len(part["val"]) else None
+        temperature = _temperature(cfg, raw_val, y["val"])
+        raw_test = _probabilities(model, test_paths, params, batch_size)
+        y_prob = apply_temperature(raw_test, temperature).astype(np.float64)
         metrics = _metrics(y["test"], y_prob, classes, positive, architecture,
                            groups=subject_groups(part["test"]))
+        metrics.update(_calibration(y["test"], raw_test, raw_val, y["val"], temperature))
         metrics.update(subjects_per_class(cells, classes))  # what every figure rests on
-        metrics.update(_val_metrics(model, part["val"], y["val"], classes, positive, params,
-                                    batch_size, architecture))
+        if raw_val is not None:
+            metrics.update(_val_metrics(apply_temperature(raw_val, temperature), y["val"],
+                                        classes, positive, architecture))
         metrics.update(total_params=float(total), trainable_params=float(trainable),
                        train_time_s=train_time,
                        latency_ms_per_image=_latency_ms(model, test_paths, params))
         if spec.kind != "handcrafted" and cfg.classifier.baseline:
             metrics.update(baseline_metrics(cfg, part, y, classes, positive))
-        for path in save_classification_plots(y["test"], y_prob, classes, run.work / "plots",
-                                              title=architecture):
+        for path in save_classification_plots(
+                y["test"], y_prob, classes, run.work / "plots", title=architecture,
+                uncalibrated=raw_test if temperature != 1.0 else None, temperature=temperature):
             mlflow.log_artifact(str(path), artifact_path="plots")
         predictions = _predictions_table(part["test"], y_prob, classes)
         mlflow.log_text(predictions.to_csv(index=False), "predictions/test.csv")
@@ -448,7 +489,7 @@ def train_and_evaluate(
         meta = {"family": FAMILY.name, "architecture": architecture, "classes": classes,
                 "preprocess": params.to_dict(), "positive_class": positive,
                 "gradcam_layer": spec.gradcam_layer, "split_kind": run.split_kind,
-                "model_kind": spec.kind}
+                "model_kind": spec.kind, "temperature": temperature}
         if spec.kind == "keras":
             _log_gradcam(model, part["test"], y["test"], classes, params,
                          meta["gradcam_layer"], run.work)

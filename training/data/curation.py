@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from training.config import Config
@@ -42,6 +43,7 @@ from training.data.batches import (
     stage_batch,
     write_ledger,
 )
+from training.data.drift import DriftResult, batch_drift, log_drift
 from training.data.leakage import ALREADY, LeakageCheck, as_hex_or_blank, check_and_assign
 from training.data.report import write_index, write_report
 from training.data.validation import SuiteOutcome, prepare_frame, run_suite, same_picture
@@ -70,6 +72,7 @@ class _Inspection:
     outcome: SuiteOutcome | None
     rejection: str  # "" = accepted
     ignored: dict[str, str] = field(default_factory=dict)  # path -> why it is no record
+    drift: DriftResult | None = None  # the batch against the champion's training rows
 
     @property
     def failed(self) -> pd.Series:
@@ -165,6 +168,8 @@ def _inspect(cfg: Config, root: Path, batch_id: str, cache: Path,
     meta = extract_metadata(root, records, batch_id, workers=cfg.validation.workers,
                             max_pixels=cfg.validation.max_pixels)
     ctx = _curated_context(cfg, own_batch, cache)
+    drift = batch_drift(cfg, root, meta)
+    meta = meta.assign(drift_score=drift.score if drift.score is not None else np.nan)
     frame = prepare_frame(
         meta, cfg, curated_sha256=ctx.shas, test_phashes=ctx.test_phashes,
         confirm_leak=_leak_confirmer(cfg, ctx, root, cache),
@@ -183,7 +188,7 @@ def _inspect(cfg: Config, root: Path, batch_id: str, cache: Path,
         rejection = (f"failure rate {rate:.1%} exceeds max_failure_rate "
                      f"{cfg.validation.max_failure_rate:.1%}")
     return _Inspection(batch_id, root, layout, frame, outcome, rejection,
-                       unlisted_files(root, layout, set(frame["path"])))
+                       unlisted_files(root, layout, set(frame["path"])), drift)
 
 
 def _unrecognised(root: Path, batch_id: str, message: str) -> _Inspection:
@@ -232,6 +237,7 @@ def _result(cfg: Config, insp: _Inspection, report_dir: Path, message: str = "",
         "subjects": sorted(set(frame.get("subject_id", pd.Series(dtype=str))) - {""}),
         "ignored": dict(sorted(insp.ignored.items())),
         "files": _file_counts(insp, lost),
+        "drift": _drift_summary(cfg, insp),
     }
     shown = lost.assign(reasons=[
         (["batch_rejected"] if rejected else []) + list(rs) for rs in lost["reasons"]
@@ -239,6 +245,13 @@ def _result(cfg: Config, insp: _Inspection, report_dir: Path, message: str = "",
     write_report(report_dir, summary, shown, insp.root,
                  outcome.expectations if outcome else [])
     return result
+
+
+def _drift_summary(cfg: Config, insp: _Inspection) -> dict[str, Any] | None:
+    """The drift verdict for the report, with the MLflow run it was logged to."""
+    if insp.drift is None:
+        return None
+    return {**insp.drift.to_dict(), "mlflow_run_id": log_drift(cfg, insp.batch_id, insp.drift)}
 
 
 def _file_counts(insp: _Inspection, lost: pd.DataFrame) -> dict[str, int]:

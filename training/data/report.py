@@ -126,6 +126,27 @@ def _files_html(summary: dict[str, Any]) -> str:
             f"<table><tr><th>path</th><th>why</th></tr>{rows}</table>")
 
 
+def _drift_html(drift: dict[str, Any] | None) -> str:
+    """The batch against the champion's training rows (training.data.drift)."""
+    if not drift:
+        return ""
+    if drift.get("status") != "measured":
+        return f"<h2>Drift</h2><p>Not measured: {_cell(drift.get('note', ''))}</p>"
+    verdict = ('<b class="bad">drifted</b>: the model was not trained on images like these'
+               if drift["drifted"] else "within the threshold")
+    shifts = "".join(f"<li><code>{_cell(k)}</code>: {v:+.2f} SD</li>"
+                     for k, v in drift.get("top_shifts", {}).items())
+    return (f"<h2>Drift</h2><p>MMD² of image statistics {drift['score']:.4f} (threshold "
+            f"{drift['threshold']:.4f}, permutation p = {drift['p_value']:.3f}): {verdict}. "
+            f"Reference: {_cell(drift['reference'])}; {drift['n_batch']} batch images.</p>"
+            f"<p>Largest mean shifts (in reference SDs):</p><ul>{shifts}</ul>"
+            + (f"<p>Champion's embedding: MMD² {drift['embedding_score']:.4f} (permutation p = "
+               f"{drift['embedding_p_value']:.3f}; {_cell(drift['embedding_note'])}).</p>"
+               if drift.get("embedding_score") is not None else
+               f"<p>Champion's embedding: {_cell(drift.get('embedding_note') or 'not measured')}"
+               "</p>"))
+
+
 def _page(summary: dict[str, Any], rows: pd.DataFrame, root: Path,
           expectations: list[dict[str, Any]]) -> str:
     docs = summary.get("data_docs")
@@ -148,6 +169,7 @@ def _page(summary: dict[str, Any], rows: pd.DataFrame, root: Path,
 {summary['accepted']} accepted, {summary['quarantined']} quarantined. {docs_link}.</p>
 <h2>Quarantine reasons</h2><ul>{reasons or '<li>none</li>'}</ul>
 <h2>Warnings (soft bounds; files kept)</h2><ul>{warns or '<li>none</li>'}</ul>
+{_drift_html(summary.get("drift"))}
 {_files_html(summary)}
 <h2>Quarantined files ({len(rows)})</h2>
 <table><tr><th>image</th><th>path</th><th>kind</th><th>label</th><th>reasons</th>

@@ -24,7 +24,9 @@ names the batch itself declares in its ``data.yaml``), ``bad_kind``, ``duplicate
 to an earlier file of the batch, by path order), ``already_curated``, ``test_leak`` (perceptual
 hash within ``LEAK_HAMMING`` bits of an image in the current frozen test split, confirmed by
 pixels where they are at hand, see :func:`same_picture`), ``no_subject``.
-Warnings: ``blurry``, ``bad_exposure``. Table-level: ``batch_too_small``, ``class_imbalance``.
+Warnings: ``blurry``, ``bad_exposure``; on the batch (``level="batch"``): ``drift`` (the batch's
+image statistics are far from the champion's training rows, :mod:`training.data.drift`).
+Table-level: ``batch_too_small``, ``class_imbalance``.
 """
 
 from __future__ import annotations
@@ -208,6 +210,10 @@ def prepare_frame(
         _unknown_classes(bc, allowed) if f else "" for bc, f in zip(
             frame["box_counts"], is_field, strict=True)
     ]
+    if "drift_score" not in frame.columns:  # set by the ingest from training.data.drift
+        frame["drift_score"] = np.nan
+    frame["drift_score"] = pd.to_numeric(frame["drift_score"], errors="coerce").astype(float)
+    frame["drift_measured"] = frame["drift_score"].notna()
     cells = frame["kind"] == "cell"
     shares = frame.loc[cells, "label"].value_counts(normalize=True)
     frame["class_share"] = np.where(cells, frame["label"].map(shares), np.nan).astype(float)
@@ -263,6 +269,13 @@ def build_suite(cfg: Config) -> Any:
         gxe.ExpectColumnValuesToBeBetween(column="exposure", min_value=v.exposure_range[0],
                                           max_value=v.exposure_range[1], mostly=v.mostly,
                                           row_condition=decodable, meta=warn("bad_exposure")),
+        # drift against the champion's training rows (training.data.drift): one score per
+        # batch, on every decodable row (NaN = not measured, then no row is checked)
+        gxe.ExpectColumnValuesToBeBetween(column="drift_score", max_value=v.drift_threshold,
+                                          mostly=v.mostly,
+                                          row_condition=Column("drift_measured") == True,  # noqa: E712
+                                          meta={"reason": "drift", "severity": "warning",
+                                                "level": "batch"}),
         gxe.ExpectTableRowCountToBeBetween(min_value=v.min_batch_size,
                                            meta=table("batch_too_small")),
         gxe.ExpectColumnValuesToBeBetween(column="class_share", min_value=lo, max_value=hi,
@@ -392,6 +405,10 @@ def run_suite(cfg: Config, frame: pd.DataFrame, run_name: str) -> SuiteOutcome:
             if meta.get("level") == "table":
                 if not res.success:
                     table_failures.append(reason)
+                continue
+            if meta.get("level") == "batch":  # a warning on the batch, not on each of its files
+                if not res.success:
+                    soft_failures.append(reason)
                 continue
             target = warnings if severity == "warning" else reasons
             if severity == "warning" and not res.success:

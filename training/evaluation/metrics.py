@@ -37,6 +37,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from training.evaluation.calibration import expected_calibration_error, save_reliability_diagram
+
 __all__ = [
     "COMPARISON_COLUMNS",
     "CI_METRICS",
@@ -375,6 +377,7 @@ def classification_metrics(
     with warnings.catch_warnings():  # classes absent from y_true are handled explicitly below
         warnings.simplefilter("ignore", UserWarning)
         m = _point_metrics(y_true, y_prob, classes, pos)
+    m["ece"] = expected_calibration_error(y_true, y_prob)  # training.evaluation.calibration
     if groups is not None:
         codes, n_groups = _group_codes(groups, len(y_true))
         m["n_subjects"] = float(n_groups)
@@ -477,9 +480,11 @@ def _confusion_axes(ax: Any, mat: np.ndarray, classes: Sequence[str], title: str
 
 
 def save_classification_plots(
-    y_true: np.ndarray, y_prob: np.ndarray, classes: list[str], out_dir: Path, title: str = ""
+    y_true: np.ndarray, y_prob: np.ndarray, classes: list[str], out_dir: Path, title: str = "",
+    uncalibrated: np.ndarray | None = None, temperature: float = 1.0,
 ) -> list[Path]:
-    """Write ``confusion_matrix.png`` (counts and row-normalised) and ``roc_curves.png``."""
+    """Write ``confusion_matrix.png`` (counts and row-normalised), ``roc_curves.png`` and
+    ``reliability.png`` (with ``uncalibrated``: before and after temperature scaling)."""
     y_true, y_prob = _check(y_true, y_prob, classes)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -514,6 +519,8 @@ def save_classification_plots(
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
     paths.append(_save(fig, out_dir / "roc_curves.png"))
+    paths.append(save_reliability_diagram(y_true, y_prob, out_dir / "reliability.png", title,
+                                          uncalibrated=uncalibrated, temperature=temperature))
     return paths
 
 
