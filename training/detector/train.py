@@ -192,9 +192,13 @@ def evaluate_weights(
     if [names[i] for i in sorted(names)] != list(classes):
         raise TrainingError(f"model {weights} detects {list(names.values())} but the dataset's "
                             f"classes are {classes}: the two cannot be compared")
+    callbacks, judged = _validation_matches(model)
+    for event, callback in callbacks.items():
+        model.add_callback(event, callback)
     res = model.val(data=str(data_yaml), split="test", imgsz=imgsz, batch=batch, device=device,
                     plots=False, project=str(out_dir.parent), name=out_dir.name, exist_ok=True,
                     verbose=False, workers=0)
+    matches = [judged[name] for name in sorted(judged)]  # by file name: aligned across models
     box = res.box
     metrics = {"precision": float(box.mp), "recall": float(box.mr),
                "map50": float(box.map50), "map50_95": float(box.map)}
@@ -207,7 +211,6 @@ def evaluate_weights(
         metrics.update({f"precision__{name}": float(p), f"recall__{name}": float(r),
                         f"map50__{name}": float(ap50), f"map50_95__{name}": float(ap)})
 
-    matches = _image_matches(model, root, imgsz=imgsz, device=device)
     intervals = detection_intervals(matches)
     metrics.update({k: v for k, v in intervals.items() if math.isfinite(v)})
 
@@ -225,34 +228,31 @@ def evaluate_weights(
     return metrics, matches
 
 
-def _image_matches(model: Any, root: Path, *, imgsz: int,
-                   device: int | str) -> list[ImageMatches]:
-    """Every test image's predictions matched to its labels (sorted by file name, so two models
-    on one dataset give aligned lists), with Ultralytics' validation thresholds; see
-    :mod:`training.evaluation.detection`."""
-    import numpy as np
-    from PIL import Image
+def _validation_matches(model: Any) -> tuple[dict[str, Callable[[Any], None]],
+                                              dict[str, ImageMatches]]:
+    """Callbacks that keep Ultralytics' own per-image judgement (true positives at IoU
+    0.50:0.95, confidences, classes) by image file name, so the bootstrap over images resamples
+    exactly what the reported metrics were computed from. The validator's stats grow by one
+    entry per image in its loader's order and are emptied before ``on_val_end``."""
+    from training.evaluation.detection import from_matched
 
-    from training.evaluation.detection import match_image
+    kept: list[dict[str, Any]] = []
+    found: dict[str, ImageMatches] = {}
 
-    matches = []
-    for path in sorted((root / "images" / "test").iterdir()):
-        with Image.open(path) as im:
-            width, height = im.size
-            result = model.predict(im.convert("RGB"), imgsz=imgsz, device=device, conf=0.001,
-                                   iou=0.7, verbose=False)[0]
-        rows = [ln.split() for ln in (root / "labels" / "test" / f"{path.stem}.txt")
-                .read_text().splitlines() if ln.strip()]
-        labels = np.array([[float(v) for v in r[1:]] for r in rows]).reshape(-1, 4)
-        truth = np.column_stack([(labels[:, 0] - labels[:, 2] / 2) * width,
-                                 (labels[:, 1] - labels[:, 3] / 2) * height,
-                                 (labels[:, 0] + labels[:, 2] / 2) * width,
-                                 (labels[:, 1] + labels[:, 3] / 2) * height])
-        boxes = result.boxes
-        matches.append(match_image(boxes.xyxy.cpu().numpy(), boxes.cls.cpu().numpy(),
-                                   boxes.conf.cpu().numpy(), truth,
-                                   np.array([int(r[0]) for r in rows], dtype=int)))
-    return matches
+    def on_val_batch_end(validator: Any) -> None:
+        stats = validator.metrics.stats
+        for i in range(len(kept), len(stats["tp"])):
+            kept.append({k: stats[k][i] for k in ("tp", "conf", "pred_cls", "target_cls")})
+
+    def on_val_end(validator: Any) -> None:
+        files = list(validator.dataloader.dataset.im_files)
+        if len(files) != len(kept):
+            raise TrainingError(f"validation judged {len(kept)} images of {len(files)}")
+        for path, st in zip(files, kept, strict=True):
+            found[Path(path).name] = from_matched(st["tp"], st["conf"], st["pred_cls"],
+                                                  st["target_cls"])
+
+    return {"on_val_batch_end": on_val_batch_end, "on_val_end": on_val_end}, found
 
 
 def _paired(cfg: Config, matches: list[ImageMatches],

@@ -2,10 +2,12 @@
 
 Ultralytics reports one mAP50 for the test fields and no interval; with a few dozen fields the
 number moves a lot from one draw of fields to another. Here every test image's predictions are
-matched to its labelled boxes once (IoU >= 0.5, greedy by confidence, per class, as VOC/COCO
-AP50 does), then images are resampled with replacement and AP50 is recomputed from the pooled
-matches of each resample (101-point interpolated precision, averaged over the classes that have
-labelled boxes; the same integral as Ultralytics', so perfect detections score 0.995). The
+matched to its labelled boxes once - by Ultralytics' validator itself in training
+(:func:`from_matched`), or by :func:`match_image` (IoU >= threshold, greedy by confidence, per
+class, as VOC/COCO do) for predictions from elsewhere - then images are resampled with
+replacement and the metrics are recomputed from the pooled matches of each resample (101-point
+interpolated precision, averaged over the classes that have labelled boxes; the same integral
+as Ultralytics', so perfect detections score 0.995). The
 gate reads ``map50_ci_low`` / ``map50_ci_high`` like the classifier's CIs.
 
 The same matches, kept at the ten COCO IoU thresholds 0.50:0.95, give every metric the gate may
@@ -30,7 +32,8 @@ import numpy as np
 
 __all__ = [
     "DETECTION_METRICS", "ImageMatches", "ap50", "bootstrap_map50", "detection_intervals",
-    "detection_scores", "match_image", "paired_detection_delta", "save_detection_comparison",
+    "detection_scores", "from_matched", "match_image", "paired_detection_delta",
+    "save_detection_comparison",
 ]
 
 IOU = 0.5
@@ -88,6 +91,24 @@ def match_image(pred_boxes: np.ndarray, pred_cls: np.ndarray, pred_conf: np.ndar
     return ImageMatches(scores, tps, n_labels, tps_iou)
 
 
+def from_matched(tp: np.ndarray, conf: np.ndarray, pred_cls: np.ndarray,
+                 true_cls: np.ndarray) -> ImageMatches:
+    """One image's matches as a validator already judged them: ``tp`` (n predictions, 10) at
+    :data:`IOUS`, their confidences and classes, and the labelled boxes' classes. The trainer
+    takes them from Ultralytics' own validation, so the metrics recomputed here from all images
+    equal the ones it reports, and the bootstrap resamples exactly those."""
+    tp = np.asarray(tp, bool).reshape(-1, len(IOUS))
+    conf, pred_cls = np.asarray(conf, float).ravel(), np.asarray(pred_cls).astype(int).ravel()
+    true_cls = np.asarray(true_cls).astype(int).ravel()
+    scores, tps, tps_iou, n_labels = {}, {}, {}, {}
+    for c in set(pred_cls.tolist()) | set(true_cls.tolist()):
+        idx = np.flatnonzero(pred_cls == c)
+        idx = idx[np.argsort(-conf[idx], kind="stable")]
+        scores[c], tps[c], tps_iou[c] = conf[idx], tp[idx, 0], tp[idx]
+        n_labels[c] = int((true_cls == c).sum())
+    return ImageMatches(scores, tps, n_labels, tps_iou)
+
+
 def ap50(images: Sequence[ImageMatches]) -> float:
     """mAP50 over the classes with labelled boxes in ``images`` (nan when there are none)."""
     classes = {c for im in images for c, n in im.n_labels.items() if n}
@@ -99,11 +120,7 @@ def ap50(images: Sequence[ImageMatches]) -> float:
         order = np.argsort(-conf, kind="stable")
         tp_cum = np.cumsum(tp[order])
         fp_cum = np.cumsum(~tp[order])
-        recall = np.concatenate([[0.0], tp_cum / n, [1.0]])
-        precision = np.concatenate([[1.0], tp_cum / np.maximum(tp_cum + fp_cum, 1e-12), [0.0]])
-        precision = np.maximum.accumulate(precision[::-1])[::-1]  # the precision envelope
-        grid = np.linspace(0, 1, 101)
-        aps.append(float(np.trapezoid(np.interp(grid, recall, precision), grid)))
+        aps.append(_ap(tp_cum / n, tp_cum / np.maximum(tp_cum + fp_cum, 1e-12)))
     return float(np.mean(aps)) if aps else math.nan
 
 
@@ -140,9 +157,12 @@ def _pooled(images: Sequence[ImageMatches], c: int) -> tuple[int, np.ndarray, np
 
 
 def _ap(recall: np.ndarray, precision: np.ndarray) -> float:
-    """101-point interpolated AP of one precision/recall curve (as :func:`ap50`)."""
-    recall = np.concatenate([[0.0], recall, [1.0]])
-    precision = np.maximum.accumulate(np.concatenate([[1.0], precision, [0.0]])[::-1])[::-1]
+    """101-point interpolated AP of one precision/recall curve, with Ultralytics' (8.4)
+    sentinels: precision falls to 0 right after the last recall reached, then recall 1."""
+    last = recall[-1] if len(recall) else 1.0
+    recall = np.concatenate([[0.0], recall, [last], [1.0]])
+    precision = np.concatenate([[1.0], precision, [0.0], [0.0]])
+    precision = np.maximum.accumulate(precision[::-1])[::-1]  # the precision envelope
     grid = np.linspace(0, 1, 101)
     return float(np.trapezoid(np.interp(grid, recall, precision), grid))
 
