@@ -80,17 +80,80 @@ def _external_set(cfg, root: Path, shared: set[str], dest: Path) -> tuple[Path, 
     return dest / "data.yaml", counts
 
 
+def _ci(m: dict, key: str) -> str:
+    low, high = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
+    text = f"{m[key]:.3f}"
+    return text + (f" [{low:.3f}, {high:.3f}]" if low is not None else "")
+
+
+def _table(rows: dict[str, dict], classes: list[str], extra: bool) -> list[str]:
+    head = ["architecture", "precision [95% CI]", "recall [95% CI]", "mAP50 [95% CI]",
+            "mAP50-95 [95% CI]"]
+    if extra:
+        head += ["val mAP50", "params", "train time (s)"]
+    head += ["latency (ms/image)", "images"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arch, m in rows.items():
+        cells = [arch, _ci(m, "precision"), _ci(m, "recall"), _ci(m, "map50"),
+                 _ci(m, "map50_95")]
+        if extra:
+            cells += [f"{m['val/map50']:.3f}", f"{m['total_params']:,.0f}",
+                      f"{m['train_time_s']:.0f}"]
+        cells += [f"{m['latency_ms_per_image']:.1f}", f"{m['n_test_images']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| architecture | " + " | ".join(
+        f"{c} P / R / mAP50 / mAP50-95" for c in classes) + " |",
+        "|---|" + "---|" * len(classes)]
+    for arch, m in rows.items():
+        lines.append(f"| {arch} | " + " | ".join(" / ".join(
+            f"{m.get(f'{k}__{c}', float('nan')):.3f}"
+            for k in ("precision", "recall", "map50", "map50_95")) for c in classes) + " |")
+    return lines
+
+
+def render(result: dict) -> str:
+    """The results as markdown: every number read from ``result`` (what this run measured)."""
+    classes = result["config"]["data"]["detector_classes"]
+    txl = {c["architecture"]: c["metrics"] for c in result["candidates"]}
+    lines = [f"Run {result['started']} - {result['finished']} UTC on {result['machine']}; "
+             f"load average at the end {', '.join(f'{v:.1f}' for v in result['load_avg_end'])}.",
+             "", "TXL-PBC test split (its published one):", ""]
+    lines += _table(txl, classes, extra=True)
+    lines += ["", "Wall time per training child (train + test + latency + MLflow): "
+              + ", ".join(f"{a} {s:.0f} s" for a, s in result["train_wall_s"].items()), "",
+              "Gate:", ""]
+    lines += [f"- {p['model_name']} v{p['version']}: "
+              f"{'promoted' if p['promoted'] else 'not promoted'} - {'; '.join(p['reasons'])}"
+              for p in result["promotions"]]
+    counts = result["external_counts"]
+    lines += ["", f"BCCD minus the images shared with the training data: {counts['images']} "
+              f"images, {counts['shared_with_training']} found already curated by the "
+              f"validation stage, {counts['bad_labels_not_shared']} other(s) with bad labels; "
+              f"{counts['scored']} scored:", ""]
+    lines += _table(result["external"], classes, extra=False)
+    for key, d in result["external_paired"].items():
+        lines.append(f"\nPaired difference on the same BCCD images, {key}: {d['delta']:+.3f} "
+                     f"[95% CI {d['delta_ci_low']:+.3f}, {d['delta_ci_high']:+.3f}] over "
+                     f"{d['n_units']:.0f} images")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bccd", type=Path, required=True)
     parser.add_argument("--bccd-batch", default="bccd", help="its landing batch id")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--render", action="store_true",
+                        help="only print <out>/results.json as markdown")
     parser.add_argument("--skip-training", action="store_true",
                         help="reuse <out>/candidates.json (score BCCD again only)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s")
+    if args.render:
+        print(render(json.loads((args.out / "results.json").read_text())))
+        return 0
     cfg = load_config()
     args.out.mkdir(parents=True, exist_ok=True)
     from training.stages import curated_dataset, promote_best, start_parent_run, train
@@ -166,8 +229,9 @@ def main() -> int:
         "external": external, "external_paired": paired,
     }
     (args.out / "results.json").write_text(json.dumps(result, indent=2, default=str))
-    print(json.dumps({k: result[k] for k in ("train_wall_s", "external_counts",
-                                             "external_paired")}, indent=2, default=str))
+    result = json.loads((args.out / "results.json").read_text())
+    (args.out / "results.md").write_text(render(result))
+    print(render(result))
     return 0
 
 
