@@ -6,8 +6,10 @@
     python bench/detector_realdata.py --bccd ../shared/data/bccd_voc --bccd-batch bccd \
         --out /tmp/lf-det/detector-results
 
-The platform ingests both sets itself (TXL-PBC accepted with its given train/val/test split,
-``split.keep_given``; BCCD rejected, its quarantine list naming every image already curated
+The architectures train side by side (one child process each, at the same time, as the DAG's
+mapped tasks do). The platform ingests both sets itself (TXL-PBC accepted with its given
+train/val/test split, ``split.keep_given``; BCCD rejected, its quarantine list naming every
+image already curated
 from TXL-PBC). This script then does what the retrain DAG does without Airflow (one parent
 run, one child process per ``detector.architectures`` entry, ``promote_best``: comparison table
 on the parent run, best on validation, gate on test), and scores every candidate on the BCCD
@@ -168,14 +170,20 @@ def main() -> int:
         parent, cands, promotions, walls = (saved["parent_run_id"], saved["candidates"],
                                             saved["promotions"], saved["wall_s"])
     else:
+        from concurrent.futures import ThreadPoolExecutor
+
         parent = start_parent_run(cfg, f"bench-detector-{started}", ds)
-        cands = []
-        for arch in archs:
+
+        def one(arch: str) -> dict:  # side by side, as the DAG's mapped tasks run
             t0 = time.perf_counter()
-            cands.append(train(cfg, "detector", architecture=arch,
-                               dataset_version=ds["version"], parent_run_id=parent,
-                               tags={"bench": "detector_realdata"}))
+            cand = train(cfg, "detector", architecture=arch, dataset_version=ds["version"],
+                         parent_run_id=parent, tags={"bench": "detector_realdata"})
             walls[arch] = time.perf_counter() - t0
+            (args.out / f"candidate-{arch}.json").write_text(json.dumps(cand, indent=2))
+            return cand
+
+        with ThreadPoolExecutor(max_workers=len(archs)) as pool:
+            cands = list(pool.map(one, archs))
         promotions = promote_best(cfg, cands, {"bench": "detector_realdata"},
                                   parent_run_id=parent, expected={"detector": archs})
         cand_file.write_text(json.dumps({"parent_run_id": parent, "candidates": cands,
