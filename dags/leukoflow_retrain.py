@@ -1,9 +1,10 @@
 """retrain: freeze the curated dataset -> train candidates -> gate -> register -> publish.
 
 Triggered by a new ``curated-dataset`` version (or by hand with params). One classifier
-candidate per architecture (dynamic task mapping) and one detector, each in its own process;
-when the data hold few subjects per class, each architecture is also retrained per fold of a
-leave-subjects-out CV (``train_subject_cv``), whose figures model selection then prefers;
+candidate per architecture and one detector candidate per detector architecture (dynamic task
+mapping), each in its own process, compared in one table per family on the parent run; when
+the data hold few subjects per class, each classifier architecture is also retrained per fold
+of a leave-subjects-out CV (``train_subject_cv``), whose figures model selection then prefers;
 each is scored beside the current champion on the same frozen test split; the gate moves
 ``champion`` only when the candidate is not worse; publishing builds the Bento from the
 champions and smoke-tests it over HTTP, rolling the aliases back if that fails.
@@ -34,6 +35,10 @@ from leukoflow_dag_support import (
         "architectures": Param(None, type=["null", "array"],
                                description="classifier architectures; null = config's list"),
         "train_detector": Param(True, type="boolean"),
+        "detector_architectures": Param(None, type=["null", "array"],
+                                        description="detector architectures (yolov5nu, "
+                                                    "yolov5su, yolov8n, yolov8s); null = "
+                                                    "config's list"),
         "dataset_version": Param(None, type=["null", "integer"],
                                  description="null = the version of the triggering asset event "
                                              "(else the newest)"),
@@ -82,20 +87,27 @@ def retrain():
                           parent_run_id=parent_run_id, overrides=params.get("config"),
                           only_if_small=True)
 
-    @task(retries=0, execution_timeout=TRAIN_TIMEOUT)
-    def train_detector(dataset: dict, parent_run_id: str, params=None, run_id=None) -> list:
-        from training.stages import train
-
+    @task
+    def detector_architectures(dataset: dict, params=None) -> list[str]:
+        """Empty when the detector is off or the dataset holds no smear fields (none mapped)."""
         if not params.get("train_detector", True) or not dataset.get("n_fields"):
             return []
-        return [train(config_from(params), "detector", dataset_version=dataset["version"],
-                      parent_run_id=parent_run_id, tags={"airflow_run_id": run_id},
-                      overrides=params.get("config"))]
+        return (params.get("detector_architectures")
+                or config_from(params).detector.architectures)
+
+    @task(retries=0, execution_timeout=TRAIN_TIMEOUT)
+    def train_detector(architecture: str, dataset: dict, parent_run_id: str, params=None,
+                       run_id=None) -> dict:
+        from training.stages import train
+
+        return train(config_from(params), "detector", architecture=architecture,
+                     dataset_version=dataset["version"], parent_run_id=parent_run_id,
+                     tags={"airflow_run_id": run_id}, overrides=params.get("config"))
 
     # all_done: one failed architecture must not block the promotion of the others
     @task(trigger_rule="all_done", pool=REGISTRY_POOL)
-    def promote(classifiers: list, detectors: list, archs: list[str], dataset: dict,
-                parent_run_id: str, cvs: list | None = None, params=None,
+    def promote(classifiers: list, detectors: list, archs: list[str], det_archs: list[str],
+                dataset: dict, parent_run_id: str, cvs: list | None = None, params=None,
                 run_id=None) -> list[dict]:
         from training.lineage import lineage_tags
         from training.stages import promote_best
@@ -108,7 +120,8 @@ def retrain():
             raise RuntimeError("every training of this run failed: nothing to judge (see the "
                                "train_* task logs)")
         return promote_best(config_from(params), found, tags, parent_run_id=parent_run_id,
-                            expected={"classifier": list(archs)},
+                            expected={"classifier": list(archs),
+                                      "detector": list(det_archs or [])},
                             cv_results=[c for c in (cvs or []) if c])
 
     @task
@@ -117,10 +130,11 @@ def retrain():
 
         return publish(config_from(params), promotions)
 
-    @task
+    # none_failed: a detector mapped over no architecture is skipped, not failed
+    @task(trigger_rule="none_failed")
     def all_trainings_succeeded(classifiers: list, detectors: list) -> int:
         """A leaf that needs every training: a failed one still marks the run failed."""
-        return len(classifiers) + len(detectors)
+        return len(classifiers) + len(detectors or [])
 
     dataset = freeze_dataset()
     parent = start_run(dataset)
@@ -131,8 +145,11 @@ def retrain():
     cvs = train_subject_cv.partial(dataset=dataset, parent_run_id=parent).expand(
         architecture=archs
     )
-    detectors = train_detector(dataset, parent)
-    publish(promote(classifiers, detectors, archs, dataset, parent, cvs))
+    det_archs = detector_architectures(dataset)
+    detectors = train_detector.partial(dataset=dataset, parent_run_id=parent).expand(
+        architecture=det_archs
+    )
+    publish(promote(classifiers, detectors, archs, det_archs, dataset, parent, cvs))
     all_trainings_succeeded(classifiers, detectors)
 
 

@@ -100,6 +100,9 @@ class SplitConfig(_Section):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     salt: str = "leukoflow-split-v1"  # changing it re-deals only never-assigned subjects
     level: Literal["subject", "image"] = "subject"  # image = the papers' random image split
+    # A layout that names its splits (YOLO images/train|val|test/) keeps them for its new rows,
+    # so a public benchmark is scored on its published test split; off: dealt like any batch.
+    keep_given: bool = False
 
 
 class AugmentationConfig(_Section):
@@ -162,8 +165,10 @@ class ClassifierConfig(_Section):
 class DetectorConfig(_Section):
     """Ultralytics YOLO detector; the model yaml builds it offline, weights load if given."""
 
-    model: str = "yolov8n.yaml"  # yolov8n.yaml | yolov5nu.yaml | a local .pt path
-    weights: str | None = None  # a local .pt to start from; None offline
+    # trained side by side, one child process each (training.detector.architectures):
+    # yolov5nu | yolov5su | yolov8n | yolov8s
+    architectures: list[str] = ["yolov8n"]
+    weights: str | None = None  # a local .pt to start from (every architecture); None offline
     imgsz: int = Field(640, ge=32)
     epochs: int = Field(100, ge=1)
     batch: int = Field(16, ge=1)

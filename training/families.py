@@ -43,8 +43,10 @@ class Family:
     train_module: str  # ``python -m <train_module>`` trains one candidate (own process)
     predict_module: str  # load + preprocess + infer; what serving and evaluation import
     pyfunc: str  # "module:Class" of the logged MLflow pyfunc
-    takes_architecture: bool  # whether the train entry takes ``--architecture``
+    takes_architecture: bool  # whether the train entry takes ``--architecture`` (from the
+    # list ``cfg.<name>.architectures``: the config section is named after the family)
     compare_architectures: bool  # log the papers' comparison table across candidates
+    comparison: str  # "module:function" (rows, out_dir) -> paths: that table's writer
     route: str  # the HTTP route that serves it
     answer_fields: tuple[str, ...]  # what a good answer of that route holds (smoke test)
     intended_use: str = ""  # the model card's "intended use" (Mitchell et al.)
@@ -59,9 +61,13 @@ class Family:
     def gate_floor(self, cfg: Config) -> float:
         return float(getattr(cfg.gate, self.gate_floor_key))
 
+    def architectures(self, cfg: Config) -> list[str]:
+        """The architectures a retrain trains side by side: ``<family>.architectures``."""
+        return list(getattr(cfg, self.name).architectures) if self.takes_architecture else []
+
     def default_architecture(self, cfg: Config) -> str | None:
         """The architecture a run trains when none is named (None: the family has one model)."""
-        return cfg.classifier.architectures[0] if self.takes_architecture else None
+        return self.architectures(cfg)[0] if self.takes_architecture else None
 
     def better(self, a: float, b: float) -> bool:
         """Whether metric value ``a`` is at least as good as ``b``."""
@@ -92,6 +98,7 @@ FAMILIES: dict[str, Family] = {
         predict_module="training.classifier.predict",
         pyfunc="training.classifier.pyfunc:KerasClassifierModel",
         takes_architecture=True, compare_architectures=True,
+        comparison="training.evaluation.metrics:save_comparison",
         route="/classify", answer_fields=("label", "probabilities"),
         intended_use=(
             "Research and decision support: sort single segmented white-blood-cell images "
@@ -112,7 +119,8 @@ FAMILIES: dict[str, Family] = {
         train_module="training.detector.train",
         predict_module="training.detector.predict",
         pyfunc="training.detector.pyfunc:DetectorModel",
-        takes_architecture=False, compare_architectures=False,
+        takes_architecture=True, compare_architectures=True,
+        comparison="training.evaluation.detection:save_detection_comparison",
         route="/detect", answer_fields=("boxes",),
         intended_use=(
             "Research and decision support: find and count white blood cells in a stained "

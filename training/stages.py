@@ -221,21 +221,29 @@ def _kill_tree(proc: subprocess.Popen[str]) -> None:
 
 def log_comparison(cfg: Config, candidates: list[Candidate], parent_run_id: str,
                    failed: dict[str, list[str]] | None = None) -> None:
-    """The papers' table (accuracy, precision, recall, F1, parameters...) across architectures,
-    as CSV, markdown and a chart on the DAG run's parent MLflow run; trainings that failed are
-    listed beside it (``comparison/failed.json``) and tagged on the run."""
+    """The papers' tables across architectures, one per family (the classifier's accuracy,
+    precision, recall, F1...; the detector's precision, recall, mAP50, mAP50-95 per class...,
+    each with parameters, train time and latency), as CSV, markdown and a chart on the DAG
+    run's parent MLflow run; trainings that failed are listed beside them
+    (``comparison/failed.json``) and tagged on the run."""
+    import importlib
+
     import mlflow
 
-    from training.evaluation.metrics import save_comparison
     from training.tracking import configure_mlflow
 
+    by_family: dict[str, list[dict[str, Any]]] = {}
     compared = [c for c in candidates if FAMILIES[c.family].compare_architectures]
-    rows = [c.to_dict() for c in compared] + baseline_rows(compared)
-    if not rows and not failed:
+    for row in [c.to_dict() for c in compared] + baseline_rows(compared):
+        by_family.setdefault(row["family"], []).append(row)
+    if not by_family and not failed:
         return
     configure_mlflow(cfg)
     with tempfile.TemporaryDirectory(prefix="leukoflow-cmp-") as tmp:
-        paths = save_comparison(rows, Path(tmp)) if rows else []
+        paths: list[Path] = []
+        for name, rows in sorted(by_family.items()):
+            module, func = FAMILIES[name].comparison.split(":")
+            paths += getattr(importlib.import_module(module), func)(rows, Path(tmp))
         client = mlflow.MlflowClient()
         if failed:
             (Path(tmp) / "failed.json").write_text(json.dumps(failed, indent=2) + "\n")
@@ -243,8 +251,8 @@ def log_comparison(cfg: Config, candidates: list[Candidate], parent_run_id: str,
             client.set_tag(parent_run_id, "failed_trainings", json.dumps(failed)[:5000])
         for path in paths:
             client.log_artifact(parent_run_id, str(path), "comparison")
-        log.info("comparison of %d architecture(s) logged to run %s under comparison/",
-                 len(rows), parent_run_id)
+        log.info("comparison of %s logged to run %s under comparison/",
+                 {k: len(v) for k, v in by_family.items()}, parent_run_id)
 
 
 def baseline_rows(candidates: list[Candidate]) -> list[dict[str, Any]]:

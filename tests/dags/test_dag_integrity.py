@@ -72,6 +72,9 @@ def test_retrain_wiring(dagbag):
     downstream = {t.task_id: {d.task_id for d in t.downstream_list} for t in dag.tasks}
     assert "promote" in downstream["train_classifier"]
     assert "promote" in downstream["train_detector"]
+    # detectors are mapped over their architectures like classifiers (a DAG param, a config list)
+    assert {"train_detector", "promote"} <= downstream["detector_architectures"]
+    assert dag.get_task("train_detector").is_mapped and "detector_architectures" in dag.params
     assert downstream["promote"] == {"publish"}
     assert type(dag.timetable).__name__ == "AssetTriggeredTimetable"
 

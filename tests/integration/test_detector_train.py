@@ -98,7 +98,11 @@ def test_candidate_json_has_measured_metrics(trained: dict) -> None:
         assert math.isfinite(m[key]) and 0.0 <= m[key] <= 1.0, (key, m[key])
     assert m["train_time_s"] > 0 and m["latency_ms_per_image"] > 0
     assert m["total_params"] > 1e6  # yolov8n: about 3 M parameters
-    assert m["map50_ci_low"] <= m["map50_image_level"] <= m["map50_ci_high"]  # image bootstrap
+    for key in ("map50", "map50_95", "precision", "recall"):  # bootstrap CIs over test images
+        assert m[f"{key}_ci_low"] <= m[f"{key}_image_level"] <= m[f"{key}_ci_high"], key
+        # resampled from Ultralytics' own per-image matches: all images give its number back
+        assert m[f"{key}_image_level"] == pytest.approx(m[key], abs=1e-9), key
+    assert 0.0 <= m["val/map50"] <= 1.0  # the best weights on the val fields (ranking)
     assert 0 < m["trainable_params"] <= m["total_params"]
 
 
@@ -118,7 +122,8 @@ def test_run_is_in_mlflow_with_params_metrics_and_model(trained: dict) -> None:
     cand = json.loads(trained["out"].read_text())
     run = MlflowClient().get_run(cand["run_id"])
     assert run.data.params["detector.imgsz"] == "96"
-    assert run.data.params["detector.model"] == "yolov8n.yaml"
+    assert run.data.params["model_yaml"] == "yolov8n.yaml"
+    assert run.data.params["detector.architectures"] == "['yolov8n']"
     assert run.data.params["nbs_resolved"] == "8"  # tiny set: no gradient accumulation
     assert run.data.tags["airflow_run_id"] == "test-run"
     assert run.data.tags["val_split"] == "val"
@@ -206,10 +211,28 @@ def test_champion_is_evaluated_on_the_same_test_set(trained: dict) -> None:
     assert second["champion_version"] == str(mv.version)
     assert second["test_set_sha256"] == first["test_set_sha256"]
     champ = second["champion_metrics"]
-    assert set(champ) == set(first["metrics"]) - {"train_time_s", "trainable_params"}
+    assert set(champ) == {k for k in first["metrics"] if not k.startswith("val/")} - {
+        "train_time_s", "trainable_params"}
     # Same weights, same test images, same imgsz (the champion's own, 96): same scores.
     for key in ("precision", "recall", "map50", "map50_95"):
         assert champ[key] == pytest.approx(first["metrics"][key], abs=1e-6)
+    # The paired test over the same test images: present, and decisive in the gate both ways.
+    m = second["metrics"]
+    assert m["paired_map50_n_units"] == m["n_test_images"] > 0
+    assert m["paired_map50_delta_ci_low"] <= m["paired_map50_delta"] <= m[
+        "paired_map50_delta_ci_high"]
+    from training.promotion.gate import gate
+    from training.records import Candidate
+
+    cand = Candidate.from_dict(second)
+    lenient = {"detector_floor": 0.0, "max_regression": 1.0, "require_paired_improvement": True}
+    ok, why = gate(load_config(home=home, gate={
+        **lenient, "min_improvement": max(-1.0, min(1.0, m["paired_map50_delta_ci_high"]))}),
+        cand)
+    assert not ok and any("paired map50 difference" in r for r in why), why
+    passed, why = gate(load_config(home=home, gate={
+        **lenient, "min_improvement": max(-1.0, m["paired_map50_delta_ci_low"] - 0.01)}), cand)
+    assert passed, why
     run = MlflowClient().get_run(second["run_id"])
     assert run.data.tags["champion_version"] == str(mv.version)
     assert run.data.metrics["champion/map50"] == pytest.approx(champ["map50"])

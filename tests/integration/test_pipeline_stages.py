@@ -36,12 +36,12 @@ def test_comparison_table_lands_on_the_parent_run(cfg):
 
 def test_overrides_reach_a_child_process_as_env(monkeypatch):
     env = config_env({"classifier": {"epochs": 2, "architectures": ["vgg16"]},
-                      "detector": {"weights": None, "model": "yolov5nu.yaml"}})
+                      "detector": {"weights": None, "architectures": ["yolov5nu"]}})
     assert env == {"LEUKOFLOW_CLASSIFIER__EPOCHS": "2",
                    "LEUKOFLOW_CLASSIFIER__ARCHITECTURES": '["vgg16"]',
-                   "LEUKOFLOW_DETECTOR__MODEL": "yolov5nu.yaml"}
+                   "LEUKOFLOW_DETECTOR__ARCHITECTURES": '["yolov5nu"]'}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     cfg = load_config()
     assert cfg.classifier.epochs == 2 and cfg.classifier.architectures == ["vgg16"]
-    assert cfg.detector.model == "yolov5nu.yaml"
+    assert cfg.detector.architectures == ["yolov5nu"]

@@ -106,3 +106,15 @@ def test_bccd_after_txlpbc_finds_the_221_shared_images(tmp_path: Path):
     assert second.status == "rejected" and second.accepted == 0
     _, ds = load_manifest(cfg)
     assert ds.batch_ids == ["txlpbc"] and ds.n_fields == 1440
+
+
+def test_txlpbc_keeps_its_published_split_when_asked(tmp_path: Path):
+    txl = _data("txlpbc_yolo")
+    cfg = load_config(home=tmp_path / "home", split={"keep_given": True})
+    _land(cfg, txl, "txlpbc")
+    assert validate_batch(cfg, "txlpbc").accepted == 1440
+    manifest, _ = load_manifest(cfg)
+    given = manifest["source"].str.split("/").str[2]  # txlpbc/images/<split>/<name>
+    assert (given == manifest["split"]).all()
+    assert manifest["split"].value_counts().to_dict() == {"train": 1008, "val": 288,
+                                                          "test": 144}

@@ -263,3 +263,13 @@ def test_empty_and_missing_folders(tmp_path: Path) -> None:
 
 def test_layout_names_are_the_documented_ones() -> None:
     assert LAYOUTS == ("manifest", "cnmc", "yolo", "voc", "class_folders")
+
+
+def test_given_split_only_where_a_yolo_layout_names_one() -> None:
+    from training.data.importers import given_split
+
+    assert given_split("yolo", "images/test/a.jpg") == "test"
+    assert given_split("yolo", "images/val/sub/a.jpg") == "val"
+    assert given_split("yolo", "images/a.jpg") == ""  # no split folder
+    assert given_split("yolo", "images/holdout/a.jpg") == ""
+    assert given_split("voc", "JPEGImages/test/a.jpg") == ""

@@ -44,6 +44,7 @@ from training.data.batches import (
     write_ledger,
 )
 from training.data.drift import DriftResult, batch_drift, log_drift
+from training.data.importers import given_split
 from training.data.leakage import ALREADY, LeakageCheck, as_hex_or_blank, check_and_assign
 from training.data.report import write_index, write_report
 from training.data.validation import SuiteOutcome, prepare_frame, run_suite, same_picture
@@ -335,7 +336,8 @@ def _curate(cfg: Config, insp: _Inspection,
             "sha256": row.sha256, "key": key, "kind": row.kind, "label": row.label,
             "subject_id": row.subject_id, "batch_id": insp.batch_id,
             "source": f"{insp.batch_id}/{row.path}", "width": int(row.width),
-            "height": int(row.height), "split": "", "split_group": "", "label_key": label_key,
+            "height": int(row.height), "split_group": "", "label_key": label_key,
+            "split": given_split(insp.layout, row.path) if cfg.split.keep_given else "",
         })
     state: dict[str, Any] = {"check": None, "written": False}
 

@@ -43,10 +43,12 @@ __all__ = [
     "ImageRecord",
     "class_names",
     "detect_layout",
+    "given_split",
     "import_batch",
     "unlisted_files",
 ]
 
+GIVEN_SPLITS = ("train", "val", "test")
 LAYOUTS = ("manifest", "cnmc", "yolo", "voc", "class_folders")
 READY_MARKER = "_READY"
 MANIFEST = "manifest.csv"
@@ -350,6 +352,15 @@ _IMPORTERS = {
     "voc": _import_voc,
     "class_folders": _import_class_folders,
 }
+
+
+def given_split(layout: str, path: str) -> str:
+    """The split a layout names for an image (``images/<train|val|test>/...`` of a YOLO batch),
+    or "" when it names none: what ``split.keep_given`` keeps."""
+    parts = PurePosixPath(path).parts
+    if layout == "yolo" and len(parts) > 2 and parts[0] == "images" and parts[1] in GIVEN_SPLITS:
+        return parts[1]
+    return ""
 
 
 def import_batch(root: Path, batch_id: str) -> tuple[str, list[ImageRecord]]:

@@ -5,8 +5,9 @@
   champion on the same frozen test split -> one MLflow run (:mod:`training.runs`) with params,
   per-epoch metrics and the model (pyfunc, :mod:`training.detector.pyfunc`) ->
   :class:`~training.records.Candidate`.
-* ``python -m training.detector.train --out candidate.json`` - the subprocess the retrain DAG
-  runs, so torch never shares a process with TensorFlow.
+* ``python -m training.detector.train --architecture NAME --out candidate.json`` - the
+  subprocess the retrain DAG runs once per architecture (:mod:`training.detector.architectures`),
+  so torch never shares a process with TensorFlow.
 
 Inference (offline Ultralytics set-up, load, detect) is :mod:`training.detector.predict`.
 """
@@ -26,17 +27,24 @@ import pandas as pd
 import yaml
 
 from training.config import Config
+from training.detector.architectures import DetectorSpec, get_spec
 from training.detector.predict import configure_ultralytics, read_model_dir
 from training.detector.yolo_data import SPLITS, write_yolo_dataset
 from training.entry import run_candidate_entry
 from training.errors import ConfigError, DataValidationError, TrainingError
+from training.evaluation.detection import (
+    DETECTION_METRICS,
+    ImageMatches,
+    detection_intervals,
+    paired_detection_delta,
+)
 from training.families import get_family
 from training.promotion.aliases import download_champion
 from training.records import Candidate
 from training.runs import candidate_run
 from training.tracking import pinned_requirements
 
-__all__ = ["main", "train_and_evaluate_detector"]
+__all__ = ["evaluate_weights", "main", "train_and_evaluate_detector"]
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +99,12 @@ def _safe(name: str) -> str:
     return re.sub(r"[^\w\-.]", "_", name)
 
 
-def _epoch_logger(run_id: str) -> Callable[[Any], None]:
+def _epoch_logger(run_id: str, best_val: dict[str, float]) -> Callable[[Any], None]:
     """An ``on_fit_epoch_end`` callback: losses, val metrics and lr to MLflow, step = epoch.
 
     Ultralytics fires the same event once more after the loop, for its final validation of
-    ``best.pt``; those numbers go to ``best_val/*`` (no step) instead of a fake extra epoch.
+    ``best.pt``; those numbers go to ``best_val/*`` (no step) instead of a fake extra epoch,
+    and into ``best_val`` (what candidates are ranked on).
     """
     state = {"stopped": False}
 
@@ -105,8 +114,9 @@ def _epoch_logger(run_id: str) -> Callable[[Any], None]:
         if state["stopped"]:  # the event after the last epoch: final validation of best.pt
             best = {_metric_name(k).replace("val/", "best_val/", 1): float(v)
                     for k, v in trainer.metrics.items()}
-            mlflow.log_metrics({k: v for k, v in best.items() if math.isfinite(v)},
-                               run_id=run_id)
+            best = {k: v for k, v in best.items() if math.isfinite(v)}
+            mlflow.log_metrics(best, run_id=run_id)
+            best_val.update(best)
             return
         state["stopped"] = bool(trainer.stop)
         values = {**trainer.label_loss_items(trainer.tloss, prefix="train"),
@@ -121,19 +131,15 @@ def _epoch_logger(run_id: str) -> Callable[[Any], None]:
     return on_fit_epoch_end
 
 
-def _build_model(cfg: Config) -> Any:
-    """A YOLO from the model yaml (random init) or a local .pt, plus optional local weights."""
+def _build_model(cfg: Config, spec: DetectorSpec) -> Any:
+    """A YOLO from the architecture's model yaml (random init), plus optional local weights."""
     from ultralytics import YOLO
 
-    spec = cfg.detector.model
-    if spec.endswith(".pt") and not Path(spec).is_file():
-        raise ConfigError(f"detector.model = {spec!r} is not a local file; offline, .pt weights "
-                          "cannot be downloaded: use a model yaml (e.g. yolov8n.yaml) or a path")
     try:
-        model = YOLO(spec, task="detect")
+        model = YOLO(spec.model_yaml, task="detect")
     except (FileNotFoundError, KeyError) as exc:
-        raise ConfigError(f"detector.model = {spec!r} is not a known Ultralytics model yaml "
-                          f"or file (e.g. yolov8n.yaml, yolov5nu.yaml): {exc}") from exc
+        raise ConfigError(f"detector architecture {spec.name!r}: {spec.model_yaml} is not a "
+                          f"model yaml this Ultralytics knows: {exc}") from exc
     if cfg.detector.weights:
         if not Path(cfg.detector.weights).is_file():
             raise ConfigError(f"detector.weights = {cfg.detector.weights!r} is not a local file; "
@@ -143,7 +149,8 @@ def _build_model(cfg: Config) -> Any:
 
 
 def _train(
-    model: Any, cfg: Config, data_yaml: Path, work: Path, *, nbs: int, device: int | str
+    model: Any, cfg: Config, data_yaml: Path, work: Path, *, nbs: int, device: int | str,
+    arch: str,
 ) -> tuple[Path, float]:
     """Run Ultralytics' trainer; return the best weights and the wall time of training."""
     det = cfg.detector
@@ -154,12 +161,12 @@ def _train(
                     seed=det.seed, deterministic=True, device=device, amp=_amp(device),
                     plots=False, project=str(work), name="train", exist_ok=True, verbose=False)
     except (RuntimeError, ValueError, FileNotFoundError) as exc:
-        raise TrainingError(f"YOLO training of {det.model} failed: {exc}") from exc
+        raise TrainingError(f"YOLO training of {arch} failed: {exc}") from exc
     train_time = time.perf_counter() - start
     for weights in (model.trainer.best, model.trainer.last):
         if Path(weights).is_file():
             return Path(weights), train_time
-    raise TrainingError(f"YOLO training of {det.model} wrote no weights under {work}")
+    raise TrainingError(f"YOLO training of {arch} wrote no weights under {work}")
 
 
 def _label_classes(labels_dir: Path) -> set[int]:
@@ -170,12 +177,13 @@ def _label_classes(labels_dir: Path) -> set[int]:
     return found
 
 
-def _evaluate(
+def evaluate_weights(
     weights: Path, data_yaml: Path, *, imgsz: int, batch: int, device: int | str,
     classes: list[str], out_dir: Path,
-) -> dict[str, float]:
-    """Test-split metrics of one weights file: P, R, mAP50, mAP50-95 (overall and per class),
-    latency per image and parameter count. Every number is measured here."""
+) -> tuple[dict[str, float], list[ImageMatches]]:
+    """Test-split metrics of one weights file: P, R, mAP50, mAP50-95 (overall and per class,
+    with bootstrap CIs over images), latency per image and parameter count, and the per-image
+    matches (for the paired test). Every number is measured here."""
     from PIL import Image
     from ultralytics import YOLO
 
@@ -184,9 +192,13 @@ def _evaluate(
     if [names[i] for i in sorted(names)] != list(classes):
         raise TrainingError(f"model {weights} detects {list(names.values())} but the dataset's "
                             f"classes are {classes}: the two cannot be compared")
+    callbacks, judged = _validation_matches(model)
+    for event, callback in callbacks.items():
+        model.add_callback(event, callback)
     res = model.val(data=str(data_yaml), split="test", imgsz=imgsz, batch=batch, device=device,
                     plots=False, project=str(out_dir.parent), name=out_dir.name, exist_ok=True,
                     verbose=False, workers=0)
+    matches = [judged[name] for name in sorted(judged)]  # by file name: aligned across models
     box = res.box
     metrics = {"precision": float(box.mp), "recall": float(box.mr),
                "map50": float(box.map50), "map50_95": float(box.map)}
@@ -199,7 +211,8 @@ def _evaluate(
         metrics.update({f"precision__{name}": float(p), f"recall__{name}": float(r),
                         f"map50__{name}": float(ap50), f"map50_95__{name}": float(ap)})
 
-    metrics.update(_map50_interval(model, root, imgsz=imgsz, device=device))
+    intervals = detection_intervals(matches)
+    metrics.update({k: v for k, v in intervals.items() if math.isfinite(v)})
 
     images = sorted((root / "images" / "test").iterdir())[:LATENCY_IMAGES]
     pil = [Image.open(p).convert("RGB") for p in images]
@@ -212,40 +225,45 @@ def _evaluate(
     bad = [k for k, v in metrics.items() if not math.isfinite(v)]
     if bad:
         raise TrainingError(f"evaluation of {weights} gave non-finite metrics: {bad}")
-    return metrics
+    return metrics, matches
 
 
-def _map50_interval(model: Any, root: Path, *, imgsz: int, device: int | str,
-                    n_bootstrap: int = 1000) -> dict[str, float]:
-    """mAP50 recomputed per test image and its bootstrap 95 % CI over images (see
-    :mod:`training.evaluation.detection`), with Ultralytics' validation thresholds."""
-    import numpy as np
-    from PIL import Image
+def _validation_matches(model: Any) -> tuple[dict[str, Callable[[Any], None]],
+                                              dict[str, ImageMatches]]:
+    """Callbacks that keep Ultralytics' own per-image judgement (true positives at IoU
+    0.50:0.95, confidences, classes) by image file name, so the bootstrap over images resamples
+    exactly what the reported metrics were computed from. The validator's stats grow by one
+    entry per image in its loader's order and are emptied before ``on_val_end``."""
+    from training.evaluation.detection import from_matched
 
-    from training.evaluation.detection import bootstrap_map50, match_image
+    kept: list[dict[str, Any]] = []
+    found: dict[str, ImageMatches] = {}
 
-    matches = []
-    for path in sorted((root / "images" / "test").iterdir()):
-        with Image.open(path) as im:
-            width, height = im.size
-            result = model.predict(im.convert("RGB"), imgsz=imgsz, device=device, conf=0.001,
-                                   iou=0.7, verbose=False)[0]
-        rows = [ln.split() for ln in (root / "labels" / "test" / f"{path.stem}.txt")
-                .read_text().splitlines() if ln.strip()]
-        labels = np.array([[float(v) for v in r[1:]] for r in rows]).reshape(-1, 4)
-        truth = np.column_stack([(labels[:, 0] - labels[:, 2] / 2) * width,
-                                 (labels[:, 1] - labels[:, 3] / 2) * height,
-                                 (labels[:, 0] + labels[:, 2] / 2) * width,
-                                 (labels[:, 1] + labels[:, 3] / 2) * height])
-        boxes = result.boxes
-        matches.append(match_image(boxes.xyxy.cpu().numpy(), boxes.cls.cpu().numpy(),
-                                   boxes.conf.cpu().numpy(), truth,
-                                   np.array([int(r[0]) for r in rows], dtype=int)))
-    point, low, high = bootstrap_map50(matches, n=n_bootstrap)
-    if not all(math.isfinite(v) for v in (point, low, high)):
+    def on_val_batch_end(validator: Any) -> None:
+        stats = validator.metrics.stats
+        for i in range(len(kept), len(stats["tp"])):
+            kept.append({k: stats[k][i] for k in ("tp", "conf", "pred_cls", "target_cls")})
+
+    def on_val_end(validator: Any) -> None:
+        files = list(validator.dataloader.dataset.im_files)
+        if len(files) != len(kept):
+            raise TrainingError(f"validation judged {len(kept)} images of {len(files)}")
+        for path, st in zip(files, kept, strict=True):
+            found[Path(path).name] = from_matched(st["tp"], st["conf"], st["pred_cls"],
+                                                  st["target_cls"])
+
+    return {"on_val_batch_end": on_val_batch_end, "on_val_end": on_val_end}, found
+
+
+def _paired(cfg: Config, matches: list[ImageMatches],
+            champion: list[ImageMatches]) -> dict[str, float]:
+    """Candidate minus champion on the same test images, with its paired bootstrap 95 % CI
+    over images: what the gate's paired test reads (``paired_<metric>_*``)."""
+    metric = FAMILY.gate_metric(cfg)
+    if metric not in DETECTION_METRICS or len(matches) != len(champion):
         return {}
-    return {"map50_image_level": point, "map50_ci_low": low, "map50_ci_high": high,
-            "n_test_images": float(len(matches))}
+    out = paired_detection_delta(metric, matches, champion)
+    return {f"paired_{metric}_{k}": v for k, v in out.items() if math.isfinite(v)}
 
 
 def _champion(cfg: Config, dest: Path) -> tuple[str, Path, dict[str, Any]] | None:
@@ -279,45 +297,59 @@ def _fields(cfg: Config, dataset_version: int | None) -> tuple[pd.DataFrame, Any
 def train_and_evaluate_detector(
     cfg: Config,
     *,
+    architecture: str | None = None,
     dataset_version: int | None = None,
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
 ) -> Candidate:
-    """Train a YOLO candidate on the curated fields and judge it and the champion on test.
+    """Train one YOLO architecture on the curated fields and judge it and the champion on test.
 
-    Everything goes to one MLflow run (see :mod:`training.runs`; nested under
-    ``parent_run_id`` if given): resolved detector params, ``config.json``, per-epoch metrics
-    (step = epoch), test metrics, the pyfunc model and ``candidate.json``.
+    ``architecture``: a name of :data:`training.detector.architectures.ARCHITECTURES` (default:
+    the first of ``detector.architectures``). Everything goes to one MLflow run (see
+    :mod:`training.runs`; nested under ``parent_run_id`` if given): resolved detector params,
+    ``config.json``, per-epoch metrics (step = epoch), the final validation of the best
+    weights (``val/*`` of the candidate: what the retrain DAG ranks architectures on), test
+    metrics with bootstrap CIs, the paired difference with the champion, the pyfunc model and
+    ``candidate.json``.
     """
     from training.detector.pyfunc import DetectorModel
 
+    spec = get_spec(architecture or cfg.detector.architectures[0])
     fields, ds = _fields(cfg, dataset_version)  # first: a missing dataset fails in a second
     configure_ultralytics(cfg.home)
     import mlflow
 
     classes = list(cfg.data.detector_classes)
     det = cfg.detector
-    arch = Path(det.model).stem
+    arch = spec.name
     device = _device()
-    model = _build_model(cfg)  # before the run: a bad model spec leaves no failed run behind
+    model = _build_model(cfg, spec)  # before the run: a bad model spec leaves no failed run
     counts = {f"n_{s}_fields": int((fields["split"] == s).sum()) for s in SPLITS}
     nbs = _nominal_batch(det.nbs, det.batch, counts["n_train_fields"])
     params = {**{f"detector.{k}": v for k, v in det.model_dump().items()}, **counts,
-              "classes": ",".join(classes), "device": str(device), "nbs_resolved": nbs}
+              "classes": ",".join(classes), "device": str(device), "nbs_resolved": nbs,
+              "architecture": arch, "model_yaml": spec.model_yaml}
     with candidate_run(cfg, FAMILY, arch, ds, fields, params=params,
-                       parent_run_id=parent_run_id, tags=tags) as run:
+                       parent_run_id=parent_run_id, tags=tags,
+                       extra_tags={"yolo_family": spec.family, "paper": spec.paper}) as run:
         data_yaml = write_yolo_dataset(fields, run.work / "data", classes)
-        mlflow.set_tag("val_split", yaml.safe_load(data_yaml.read_text())["val"].split("/")[-1])
+        val_split = yaml.safe_load(data_yaml.read_text())["val"].split("/")[-1]
+        mlflow.set_tag("val_split", val_split)
 
-        model.add_callback("on_fit_epoch_end", _epoch_logger(run.run_id))
+        best_val: dict[str, float] = {}
+        model.add_callback("on_fit_epoch_end", _epoch_logger(run.run_id, best_val))
         trained: dict[str, float] = {}  # what the optimizer updates (Ultralytics freezes some)
         model.add_callback("on_train_start", lambda trainer: trained.update(
             trainable_params=float(sum(p.numel() for p in trainer.model.parameters()
                                        if p.requires_grad))))
-        best, train_time = _train(model, cfg, data_yaml, run.work, nbs=nbs, device=device)
-        metrics = _evaluate(best, data_yaml, imgsz=det.imgsz, batch=det.batch, device=device,
-                            classes=classes, out_dir=run.work / "test")
+        best, train_time = _train(model, cfg, data_yaml, run.work, nbs=nbs, device=device,
+                                  arch=arch)
+        metrics, matches = evaluate_weights(best, data_yaml, imgsz=det.imgsz, batch=det.batch,
+                                     device=device, classes=classes, out_dir=run.work / "test")
         metrics.update(train_time_s=train_time, **trained)
+        if val_split == "val":  # validated on train: no validation metrics to rank on
+            metrics.update({k.replace("best_val/", "val/", 1): v for k, v in best_val.items()
+                            if k.replace("best_val/", "", 1) in DETECTION_METRICS})
         logged = mlflow.pyfunc.log_model(
             name="model",
             python_model=DetectorModel(imgsz=det.imgsz, classes=classes),
@@ -330,21 +362,24 @@ def train_and_evaluate_detector(
         champ = _champion(cfg, run.work / "champion")
         if champ is not None:
             champion_version, champ_dir, meta = champ
-            run.record_champion(champion_version, _evaluate(
+            champ_metrics, champ_matches = evaluate_weights(
                 champ_dir / "artifacts" / "best.pt", data_yaml,
                 imgsz=int(meta.get("imgsz") or det.imgsz), batch=det.batch, device=device,
-                classes=classes, out_dir=run.work / "champion_test"))
+                classes=classes, out_dir=run.work / "champion_test")
+            run.record_champion(champion_version, champ_metrics)
+            metrics.update(_paired(cfg, matches, champ_matches))
         return run.finish(metrics, logged)
 
 
 # ---------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
-    """``python -m training.detector.train --out candidate.json``: train, judge, write it."""
+    """``python -m training.detector.train [--architecture yolov5nu] --out candidate.json``:
+    train, judge, write it."""
     return run_candidate_entry(
-        argv, prog=f"python -m {FAMILY.train_module}", doc=__doc__,
+        argv, prog=f"python -m {FAMILY.train_module}", doc=__doc__, architecture=True,
         train=lambda cfg, args, tags: train_and_evaluate_detector(
-            cfg, dataset_version=args.dataset_version, parent_run_id=args.parent_run_id,
-            tags=tags),
+            cfg, architecture=args.architecture, dataset_version=args.dataset_version,
+            parent_run_id=args.parent_run_id, tags=tags),
     )
 
 

@@ -549,21 +549,24 @@ def _lookup(row: dict, column: str) -> Any:
     return None
 
 
-def comparison_table(rows: list[dict]) -> pd.DataFrame:
+def comparison_table(rows: list[dict],
+                     columns: Sequence[str] = tuple(COMPARISON_COLUMNS)) -> pd.DataFrame:
     """One row per (architecture, split kind), in the shape of the papers' comparison tables.
 
     A row is a flat dict (``architecture``, ``split_kind`` and metric keys as
     :func:`classification_metrics` names them, ``trainable_params``, ``train_time_s``,
     ``latency_ms``) or a Candidate-like dict with those metrics under ``metrics``.
+    ``columns``: another family's columns (the first two are always architecture, split kind).
     """
+    columns = list(columns)
     records = []
     for row in rows:
-        rec = {c: _lookup(row, c) for c in COMPARISON_COLUMNS}
+        rec = {c: _lookup(row, c) for c in columns}
         if rec["architecture"] is None:
             raise ValueError(f"comparison row without 'architecture': {sorted(row)}")
         records.append(rec)
-    df = pd.DataFrame.from_records(records, columns=COMPARISON_COLUMNS)
-    numeric = COMPARISON_COLUMNS[2:]
+    df = pd.DataFrame.from_records(records, columns=columns)
+    numeric = columns[2:]
     df[numeric] = df[numeric].apply(pd.to_numeric, errors="coerce")
     df["split_kind"] = df["split_kind"].fillna("unknown")
     return df
