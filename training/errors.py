@@ -11,6 +11,10 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
+from typing import TypeVar
+
 __all__ = [
     "ConfigError",
     "DataValidationError",
@@ -19,7 +23,10 @@ __all__ = [
     "RegistryError",
     "StorageError",
     "TrainingError",
+    "lookup",
 ]
+
+T = TypeVar("T")
 
 
 class LeukoflowError(Exception):
@@ -48,3 +55,15 @@ class RegistryError(LeukoflowError):
 
 class PublishError(LeukoflowError):
     """A service could not be built, started or passed its smoke test."""
+
+
+def lookup(table: Mapping[str, T], name: str, what: str) -> T:
+    """``table[name]``; an unknown name is a :class:`ConfigError` that suggests the nearest
+    valid one and lists them all (one wording for every table of choices)."""
+    try:
+        return table[name]
+    except KeyError:
+        near = difflib.get_close_matches(str(name), list(table), n=1, cutoff=0.3)
+        hint = f"did you mean '{near[0]}'? " if near else ""
+        raise ConfigError(f"unknown {what} '{name}': {hint}"
+                          f"valid names: {', '.join(table)}") from None

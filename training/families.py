@@ -13,12 +13,11 @@ Importing this module is cheap: module paths are strings, imported where they ar
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
 from training.config import Config
-from training.errors import ConfigError, RegistryError
+from training.errors import ConfigError, RegistryError, lookup
 
 __all__ = [
     "BASELINE_ARCHITECTURE", "FAMILIES", "Family", "family_of_model", "get_family",
@@ -136,13 +135,7 @@ FAMILIES: dict[str, Family] = {
 
 def get_family(name: str) -> Family:
     """The family called ``name``; an unknown name gets the nearest valid one."""
-    try:
-        return FAMILIES[name]
-    except KeyError:
-        near = difflib.get_close_matches(str(name), FAMILIES, n=1, cutoff=0.3)
-        hint = f"did you mean '{near[0]}'? " if near else ""
-        raise ConfigError(f"unknown model family '{name}': {hint}"
-                          f"valid names: {', '.join(FAMILIES)}") from None
+    return lookup(FAMILIES, name, "model family")
 
 
 def family_of_model(cfg: Config, registered_name: str) -> Family:

@@ -13,10 +13,9 @@ this module is cheap: Ultralytics is imported by the trainer, not here.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 
-from training.errors import ConfigError
+from training.errors import lookup
 
 __all__ = ["ARCHITECTURES", "DetectorSpec", "get_spec"]
 
@@ -45,10 +44,4 @@ ARCHITECTURES: dict[str, DetectorSpec] = {s.name: s for s in (
 
 def get_spec(name: str) -> DetectorSpec:
     """The architecture called ``name``; an unknown name gets the nearest valid one."""
-    try:
-        return ARCHITECTURES[name]
-    except KeyError:
-        near = difflib.get_close_matches(str(name), ARCHITECTURES, n=1, cutoff=0.3)
-        hint = f"did you mean '{near[0]}'? " if near else ""
-        raise ConfigError(f"unknown detector architecture '{name}': {hint}valid names: "
-                          f"{', '.join(ARCHITECTURES)}") from None
+    return lookup(ARCHITECTURES, name, "detector architecture")

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from training.evaluation.detection import box_iou
+
 __all__ = ["ONNX_FILE", "OnnxDetector", "letterbox", "nms", "onnx_path"]
 
 ONNX_FILE = "onnx/model.onnx"  # inside a published model dir, written by training.publish.export
@@ -48,17 +50,6 @@ def letterbox(rgb: np.ndarray, size: int) -> tuple[np.ndarray, float, tuple[floa
     return x, gain, (float(left), float(top))
 
 
-def _iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
-    x1 = np.maximum(box[0], others[:, 0])
-    y1 = np.maximum(box[1], others[:, 1])
-    x2 = np.minimum(box[2], others[:, 2])
-    y2 = np.minimum(box[3], others[:, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    areas = (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1])
-    return inter / np.maximum(area + areas - inter, 1e-9)
-
-
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
     """Indices kept by greedy NMS, best score first (torchvision's ``nms`` semantics)."""
     order = np.argsort(-scores, kind="stable")
@@ -69,7 +60,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
         if order.size == 1:
             break
         rest = order[1:]
-        order = rest[_iou(boxes[best], boxes[rest]) <= iou]
+        order = rest[box_iou(boxes[best], boxes[rest]) <= iou]
     return np.asarray(keep, dtype=np.int64)
 
 

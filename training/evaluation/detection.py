@@ -53,7 +53,8 @@ class ImageMatches:
     true_positive_iou: dict[int, np.ndarray] | None = None
 
 
-def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU of one ``xyxy`` box with each row of ``boxes`` (numpy only: serving uses it too)."""
     x1 = np.maximum(box[0], boxes[:, 0])
     y1 = np.maximum(box[1], boxes[:, 1])
     x2 = np.minimum(box[2], boxes[:, 2])
@@ -79,7 +80,7 @@ def match_image(pred_boxes: np.ndarray, pred_cls: np.ndarray, pred_conf: np.ndar
         idx = idx[np.argsort(-pred_conf[idx], kind="stable")]
         tp = np.zeros((len(idx), len(IOUS)), dtype=bool)
         if len(truth) and len(idx):
-            overlaps = np.stack([_iou(pred_boxes[i], truth) for i in idx])
+            overlaps = np.stack([box_iou(pred_boxes[i], truth) for i in idx])
             for t, threshold in enumerate(IOUS):
                 used = np.zeros(len(truth), dtype=bool)
                 for k in range(len(idx)):

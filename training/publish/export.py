@@ -208,7 +208,7 @@ def compare_boxes(want: list[dict], got: list[dict], iou: float, score_diff: flo
     """Why two box lists differ ([] when they agree): every box clearly above ``conf`` in one
     list needs a box in the other with the same label, IoU >= ``iou`` and a score within
     ``score_diff`` (boxes within ``score_diff`` of the threshold may be on one side only)."""
-    from training.detector.onnx_runtime import _iou
+    from training.evaluation.detection import box_iou
 
     problems = []
     for name, these, others in (("framework", want, got), ("ONNX", got, want)):
@@ -217,7 +217,7 @@ def compare_boxes(want: list[dict], got: list[dict], iou: float, score_diff: flo
                 continue
             arr = np.array([[o["x1"], o["y1"], o["x2"], o["y2"]] for o in others]
                            ).reshape(-1, 4)
-            ious = _iou(np.array([box["x1"], box["y1"], box["x2"], box["y2"]]), arr)
+            ious = box_iou(np.array([box["x1"], box["y1"], box["x2"], box["y2"]]), arr)
             ok = [j for j, o in enumerate(others) if ious[j] >= iou and o["label"] == box[
                 "label"] and abs(o["confidence"] - box["confidence"]) <= score_diff]
             if not ok:
