@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from training.evaluation.detection import box_iou
+from training.boxes import box_iou
 
 __all__ = ["ONNX_FILE", "OnnxDetector", "letterbox", "nms", "onnx_path"]
 

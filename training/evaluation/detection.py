@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from training.boxes import box_iou
+
 __all__ = [
     "DETECTION_METRICS", "ImageMatches", "ap50", "bootstrap_map50", "detection_intervals",
     "detection_scores", "from_matched", "match_image", "paired_detection_delta",
@@ -51,18 +53,6 @@ class ImageMatches:
     n_labels: dict[int, int]
     # per class, (n predictions, 10): true positive at each of IOUS (column 0 = true_positive)
     true_positive_iou: dict[int, np.ndarray] | None = None
-
-
-def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one ``xyxy`` box with each row of ``boxes`` (numpy only: serving uses it too)."""
-    x1 = np.maximum(box[0], boxes[:, 0])
-    y1 = np.maximum(box[1], boxes[:, 1])
-    x2 = np.minimum(box[2], boxes[:, 2])
-    y2 = np.minimum(box[3], boxes[:, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    return inter / np.maximum(area + areas - inter, 1e-12)
 
 
 def match_image(pred_boxes: np.ndarray, pred_cls: np.ndarray, pred_conf: np.ndarray,

@@ -208,7 +208,7 @@ def compare_boxes(want: list[dict], got: list[dict], iou: float, score_diff: flo
     """Why two box lists differ ([] when they agree): every box clearly above ``conf`` in one
     list needs a box in the other with the same label, IoU >= ``iou`` and a score within
     ``score_diff`` (boxes within ``score_diff`` of the threshold may be on one side only)."""
-    from training.evaluation.detection import box_iou
+    from training.boxes import box_iou
 
     problems = []
     for name, these, others in (("framework", want, got), ("ONNX", got, want)):
