@@ -17,9 +17,9 @@ The check runs on the candidate's own test images (the frozen test split of the 
 its run was trained on, at most ``serving.onnx_validation_images``), or, where the run has no
 curated data (a model registered by hand), on synthetic images, which the report says.
 Classifier: the largest absolute probability difference and the predicted labels; detector: the
-raw output tensor on the same letterboxed input, and the final boxes (same label, IoU and
-score within tolerance). A non-Keras classifier (e.g. a scikit-learn one) is left unexported and
-served as it is.
+raw output tensor on the same letterboxed input, and the final boxes of Ultralytics' own
+predict and of ours on that same input (same label, IoU and score within tolerance). A
+non-Keras classifier (e.g. a scikit-learn one) is left unexported and served as it is.
 """
 
 from __future__ import annotations
@@ -226,8 +226,23 @@ def compare_boxes(want: list[dict], got: list[dict], iou: float, score_diff: flo
     return problems
 
 
+def _unletterbox(boxes: list[dict], gain: float, pad: tuple[float, float],
+                 size: tuple[int, int]) -> list[dict]:
+    """Boxes found on a letterboxed square, in the original image's pixels (as serving maps)."""
+    (pad_x, pad_y), (width, height) = pad, size
+    out = []
+    for b in boxes:
+        xs = [min(max((b[k] - pad_x) / gain, 0.0), width) for k in ("x1", "x2")]
+        ys = [min(max((b[k] - pad_y) / gain, 0.0), height) for k in ("y1", "y2")]
+        out.append({**b, "x1": round(xs[0], 2), "x2": round(xs[1], 2), "y1": round(ys[0], 2),
+                    "y2": round(ys[1], 2)})
+    return out
+
+
 def check_detector(model_dir: Path, images: list[Path], cfg: Config) -> dict[str, Any]:
     """Export with Ultralytics (unless stored already) and compare; raises ExportMismatch."""
+    from PIL import Image as PILImage
+
     from training.detector.onnx_runtime import OnnxDetector, letterbox, onnx_path
     from training.detector.predict import detect, load_detector, read_model_dir
     from training.preprocess import decode_image
@@ -256,13 +271,17 @@ def check_detector(model_dir: Path, images: list[Path], cfg: Config) -> dict[str
     raw_diff, problems, n_boxes = 0.0, [], 0
     for path in images:
         pil = decode_image(Path(path).read_bytes())
-        x, _, _ = letterbox(np.asarray(pil, dtype=np.uint8), onnx_model.imgsz)
+        x, gain, pad = letterbox(np.asarray(pil, dtype=np.uint8), onnx_model.imgsz)
         with torch.no_grad():
             y = torch_model(torch.from_numpy(x))
         y = (y[0] if isinstance(y, list | tuple) else y).numpy()
         o = onnx_model.session.run(None, {onnx_model.input_name: x})[0]
         raw_diff = max(raw_diff, float(np.abs(y - o).max()))
-        want = detect(yolo, pil, imgsz=imgsz, conf=conf)
+        # the framework's boxes on the same square letterboxed input (its own predict pads to
+        # a stride multiple instead, which moves confidences by a few hundredths), mapped back
+        square = PILImage.fromarray(np.rint(x[0].transpose(1, 2, 0) * 255).astype(np.uint8))
+        want = _unletterbox(detect(yolo, square, imgsz=onnx_model.imgsz, conf=conf), gain, pad,
+                            pil.size)
         got = onnx_model.detect(pil, conf=conf)
         n_boxes += len(want)
         problems += [f"{Path(path).name}: {p}" for p in compare_boxes(want, got, iou,
