@@ -6,7 +6,9 @@
 * Headers larger than ``serving.max_header_bytes`` are a 431.
 * At most ``serving.max_inflight`` image requests are in the process at once (being read,
   decoded, queued for a model or computed); one more is answered 503 with ``Retry-After`` at
-  once, instead of waiting in a queue its client may have given up on.
+  once, instead of waiting in a queue its client may have given up on; and a client that
+  hangs up after sending its image stops the work on it (:func:`cancel_on_disconnect`): its
+  decode and its wait for a model are cancelled, not computed for nobody.
 * ``/docs.json`` (BentoML's OpenAPI) gets the Bearer scheme, so the docs page can send the key.
 * Every answer is counted in :mod:`serving.observability` (route, status, model version,
   latency; 401/403 also as auth refusals).
@@ -14,6 +16,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -22,7 +25,10 @@ from typing import Any
 
 from serving.observability import metrics, route_label
 
-__all__ = ["IMAGE_ROUTES", "ServingFront", "with_bearer_scheme"]
+__all__ = [
+    "IMAGE_ROUTES", "CancelOnDisconnect", "ServingFront", "cancel_on_disconnect",
+    "with_bearer_scheme",
+]
 
 IMAGE_ROUTES = frozenset({"/classify", "/detect", "/explain"})
 _VERSION_BODY_LIMIT = 64 * 1024  # answers this small are parsed for their model version
@@ -70,11 +76,13 @@ class ServingFront:
             return
         route = route_label(scope.get("path", "/"))
         started = time.perf_counter()
-        seen: dict[str, Any] = {"status": 500, "version": "", "body": b"", "json": False}
+        seen: dict[str, Any] = {"status": 500, "version": "", "body": b"", "json": False,
+                                "started": False}
 
         async def observed(message: Message) -> None:
             if message["type"] == "http.response.start":
                 seen["status"] = int(message["status"])
+                seen["started"] = True
                 for key, value in message.get("headers", []):
                     name = key.decode("latin-1").lower()
                     if name == "x-leukoflow-model":  # /explain: name:version
@@ -96,13 +104,15 @@ class ServingFront:
             elif route == "/docs.json":
                 await self._openapi(scope, receive, observed)
             elif route in self.limited:
-                await self._limited(route, scope, receive, observed)
+                if await self._limited(route, scope, receive, observed) and not seen["started"]:
+                    seen["status"] = 499  # client closed the request (nginx's code): not a 5xx
             else:
                 await self.app(scope, receive, observed)
         finally:
             self._count(route, seen, time.perf_counter() - started)
 
-    async def _limited(self, route: str, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _limited(self, route: str, scope: Scope, receive: Receive, send: Send) -> bool:
+        """The bounded queue; returns whether the client hung up and its work was cancelled."""
         if self.inflight >= self.max_inflight:
             metrics().queue_rejections.labels(route=route).inc()
             await _reply(send, 503, {
@@ -110,10 +120,13 @@ class ServingFront:
                          f"flight; retry after {self.retry_after_s}s",
                 "reason": "queue_full"},
                 headers=[(b"retry-after", str(self.retry_after_s).encode())])
-            return
+            return False
         self.inflight += 1
         try:
-            await self.app(scope, receive, send)
+            abandoned = await cancel_on_disconnect(self.app, scope, receive, send)
+            if abandoned:
+                metrics().abandoned.labels(route=route).inc()
+            return abandoned
         finally:
             self.inflight -= 1
 
@@ -165,6 +178,72 @@ class ServingFront:
         m.latency.labels(route=route, status=status).observe(seconds)
         if status in ("401", "403"):
             m.auth_refusals.labels(route=route, status=status).inc()
+
+
+async def cancel_on_disconnect(app: ASGIApp, scope: Scope, receive: Receive,
+                               send: Send) -> bool:
+    """Run ``app``; if the client disconnects before the answer is sent, cancel it.
+
+    Once the request body is read the server's ``receive`` has nothing left to give but the
+    disconnect, so a watcher waits on it; the app, should it ask again, gets the disconnect the
+    watcher saw. Returns whether the request was abandoned (the app was cancelled).
+    """
+    body_read, gone = asyncio.Event(), asyncio.Event()
+    answered = False  # the last byte of the answer went out: a disconnect now is the normal end
+
+    async def app_send(message: Message) -> None:
+        nonlocal answered
+        await send(message)
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            answered = True
+
+    async def app_receive() -> Message:
+        if body_read.is_set():
+            await gone.wait()
+            return {"type": "http.disconnect"}
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            gone.set()
+        elif message["type"] == "http.request" and not message.get("more_body", False):
+            body_read.set()
+        return message
+
+    async def watch() -> None:
+        await body_read.wait()
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+
+    task = asyncio.ensure_future(app(scope, app_receive, app_send))
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done() or answered:
+            await task  # re-raise what the app raised
+            return False
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return True
+    finally:
+        watcher.cancel()
+        if not task.done():  # we were cancelled ourselves
+            task.cancel()
+
+
+class CancelOnDisconnect:
+    """ASGI middleware of a model service: a caller that hangs up (the API process, its own
+    client gone) cancels the request's work there too (:func:`cancel_on_disconnect`)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if await cancel_on_disconnect(self.app, scope, receive, send):
+            metrics().abandoned.labels(route=route_label(scope.get("path", "/"))).inc()
 
 
 def with_bearer_scheme(spec: dict[str, Any],

@@ -6,6 +6,7 @@ Metrics (on ``/metrics`` beside BentoML's ``bentoml_*`` families; names ``leukof
 * ``leukoflow_request_duration_seconds{route, status}``: latency histogram,
 * ``leukoflow_auth_refusals_total{route, status}``: 401/403 answers,
 * ``leukoflow_queue_rejections_total{route}``: 503s of a full in-flight queue,
+* ``leukoflow_abandoned_requests_total{route}``: requests cancelled because their client hung up,
 * ``leukoflow_model_retries_total{model, outcome}``: transient model-call failures retried,
 * ``leukoflow_batch_size{model}``: rows per model call, for services that batch.
 
@@ -26,6 +27,7 @@ from typing import Any
 
 __all__ = [
     "KNOWN_ROUTES", "OTHER", "bound_bentoml_labels", "metrics", "observe_batch", "route_label",
+    "skip_abandoned_batch_jobs",
 ]
 
 OTHER = "other"  # the label of every path the service does not serve
@@ -67,6 +69,9 @@ class _Metrics:
         self.queue_rejections = pc.Counter(
             "leukoflow_queue_rejections", "Requests answered 503 because the in-flight queue "
             "was full", ["route"])
+        self.abandoned = pc.Counter(
+            "leukoflow_abandoned_requests", "Image requests whose client hung up before the "
+            "answer: their work was cancelled", ["route"])
         self.retries = pc.Counter(
             "leukoflow_model_retries", "Model calls that failed transiently and were retried "
             "once", ["model", "outcome"])
@@ -124,3 +129,32 @@ def bound_bentoml_labels() -> None:
     cls.__init__ = __init__  # type: ignore[method-assign]
     cls.__call__ = __call__  # type: ignore[method-assign]
     cls._leukoflow_bounded = True
+
+
+def skip_abandoned_batch_jobs() -> None:
+    """Make BentoML's adaptive batching drop the jobs of cancelled callers (idempotent).
+
+    A request cancelled while it waits for its batch (:class:`serving.front.CancelOnDisconnect`)
+    cancels its job's future, but BentoML 1.4's ``CorkDispatcher`` keeps the job queued, puts
+    it in the next batch and computes it for nobody. The job now leaves the queue with its
+    caller (no ``await`` lies between the dispatcher reading its queue and taking a batch).
+    """
+    import asyncio
+
+    from bentoml._internal.marshal import dispatcher
+
+    cls = dispatcher.CorkDispatcher
+    if getattr(cls, "_leukoflow_skips_abandoned", False):
+        return
+    original = cls.inbound_call
+
+    async def inbound_call(self: Any, data: Any) -> Any:
+        try:
+            return await original(self, data)
+        except asyncio.CancelledError:
+            for job in [j for j in self._queue if j.future.cancelled()]:
+                self._queue.remove(job)
+            raise
+
+    cls.inbound_call = inbound_call
+    cls._leukoflow_skips_abandoned = True

@@ -40,9 +40,9 @@ from starlette.responses import JSONResponse, Response
 
 from serving.auth import ApiKeyMiddleware
 from serving.decode import BadImage, UploadGuard, decode_upload, read_upload
-from serving.front import ServingFront
+from serving.front import CancelOnDisconnect, ServingFront
 from serving.health import ReadinessCheck, is_transient, probes_for
-from serving.observability import bound_bentoml_labels
+from serving.observability import bound_bentoml_labels, skip_abandoned_batch_jobs
 from serving.webapp import WEBAPP_PATH, create_app
 from training.config import Config, load_config
 from training.contract import InputContract
@@ -178,6 +178,9 @@ class ClassifierService:
                  max_latency_ms=_SERVING.batch_max_latency_ms)
     def classify_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """Probabilities ``(n, k)`` of preprocessed uint8 pixels ``(n, size, size, 3)``."""
+        from serving.observability import observe_batch
+
+        observe_batch("classifier", int(len(pixels)))  # what adaptive batching really formed
         return self._apply_temperature(
             self._predict_array(self.model, pixels.astype(np.float32),
                                 batch_size=_SERVING.batch_max_size), self.temperature)
@@ -427,8 +430,12 @@ class LeukoflowAPI:
 LeukoflowAPI.mount_asgi_app(create_app(), path=WEBAPP_PATH, name="webapp")
 # Outermost first: readiness, limits and metrics; then keys; then the upload checks.
 bound_bentoml_labels()
+skip_abandoned_batch_jobs()
 LeukoflowAPI.add_asgi_middleware(
     ServingFront, readiness=lambda: ReadinessCheck(probes_for(LeukoflowAPI),
                                                    _config().serving.readyz_timeout_s))
 LeukoflowAPI.add_asgi_middleware(ApiKeyMiddleware)
 LeukoflowAPI.add_asgi_middleware(UploadGuard)
+# A model call whose caller hung up is cancelled in the model's process too, batch queue included.
+ClassifierService.add_asgi_middleware(CancelOnDisconnect)
+DetectorService.add_asgi_middleware(CancelOnDisconnect)

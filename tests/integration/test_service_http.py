@@ -286,6 +286,8 @@ def test_metrics_count_the_requests(server: Any) -> None:
     _post(server, "/classify")
     text = server.client.get("/metrics").text
     assert "/classify" in text
+    # the classifier worker's batch sizes reach the API's /metrics (one multiprocess registry)
+    assert 'leukoflow_batch_size_count{model="classifier"}' in text
 
 
 def test_a_300_byte_filename_gets_a_normal_answer(server: Any) -> None:
@@ -343,6 +345,41 @@ def test_readyz_is_503_within_a_second_while_a_model_worker_is_stopped(server: A
     pool.shutdown()
     assert server.client.get("/readyz", timeout=5).status_code == 200
     assert _post(server, "/classify").status_code == 200
+
+
+def _metric(server: Any, sample: str) -> float:
+    """The value of one sample line of the API's /metrics (0 if absent)."""
+    for line in server.client.get("/metrics").text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_request_whose_client_hung_up_is_not_computed(server: Any) -> None:
+    """Clients give up while the classifier's worker is stopped: their requests are cancelled
+    in the API and in the worker's batch queue, so no row is computed for them."""
+    rows = 'leukoflow_batch_size_sum{model="classifier"}'
+    gone = 'leukoflow_abandoned_requests_total{route="/classify"}'
+    assert _post(server, "/classify").status_code == 200
+    rows_before, gone_before = _metric(server, rows), _metric(server, gone)
+    pid = server.client.post("/whoami", headers=_auth(server.keys["all"]),
+                             json={}).json()["classifier"]["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for _ in range(3):
+            with pytest.raises(httpx.TimeoutException):
+                server.client.post("/classify", files={"image": ("c.png", _png(), "image/png")},
+                                   headers=_auth(server.keys["all"]), timeout=1.5)
+        deadline = time.monotonic() + 10
+        while _metric(server, gone) < gone_before + 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _metric(server, gone) >= gone_before + 3
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    time.sleep(3)  # a worker that computed them anyway would have done so by now
+    assert _metric(server, rows) == rows_before
+    assert _post(server, "/classify").status_code == 200
+    assert _metric(server, rows) == rows_before + 1
 
 
 def test_unique_unauthenticated_paths_leave_the_metrics_bounded(server: Any) -> None:

@@ -68,3 +68,29 @@ def test_image_level_split_lets_subjects_straddle(cfg):
     df = assign_splits(_rows({str(i): "all" for i in range(4)}, per_subject=25), cfg)
     assert df["split_group"].str.startswith("image:").all()
     assert (df.groupby("subject_id")["split"].nunique() > 1).any()
+
+
+def test_a_small_stratum_still_reaches_test_and_val(cfg):
+    # three healthy donors, two of them joined by a near-duplicate pair into one big unit
+    # (C-NMC fold 1): the share rule alone deals both units to train
+    subjects = {str(i): "all" for i in range(10)} | {"H10": "hem", "H14": "hem", "H22": "hem"}
+    rows = _rows(subjects, per_subject=20)
+    h14 = int(rows.index[rows["subject_id"] == "H14"][0])
+    h22 = int(rows.index[rows["subject_id"] == "H22"][0])
+    df = assign_splits(rows, cfg, twins=[(h14, h22)])
+    hem = df[df["label"] == "hem"]
+    assert hem.loc[hem["subject_id"] == "H14", "split"].iloc[0] == \
+        hem.loc[hem["subject_id"] == "H22", "split"].iloc[0]  # the twins' subjects stay together
+    assert "test" in set(hem["split"]) and "train" in set(hem["split"])
+    assert (df.groupby("subject_id")["split"].nunique() == 1).all()
+
+    three = assign_splits(_rows(subjects, per_subject=20), cfg)  # no twins: three units
+    assert set(three.loc[three["label"] == "hem", "split"]) == {"train", "val", "test"}
+
+
+def test_frozen_units_are_never_moved_to_fill_a_split(cfg):
+    first = assign_splits(_rows({"H1": "hem", "H2": "hem"}), cfg)
+    first["split"] = "train"  # an earlier version froze both donors in train
+    grown = pd.concat([first, _rows({"7": "all"}, start=1)], ignore_index=True)
+    second = assign_splits(grown, cfg)
+    assert (second.loc[second["label"] == "hem", "split"] == "train").all()

@@ -210,3 +210,74 @@ def test_connection_failures_are_transient_and_model_failures_are_not() -> None:
     assert not is_transient(httpx.ReadTimeout("slow"))
     assert not is_transient(BentoMLException("the model failed on this input"))
     assert not is_transient(ValueError("bad pixels"))
+
+
+def _held_request(body: bytes = b"x") -> tuple[Any, Any, asyncio.Event, list[dict[str, Any]]]:
+    """A receive that hands over ``body``, then blocks until ``hang_up`` is set (the client
+    closing its connection), as uvicorn's does; and a send that records the answer."""
+    hang_up = asyncio.Event()
+    sent: list[dict[str, Any]] = []
+    calls = {"n": 0}
+
+    async def receive() -> dict[str, Any]:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return {"type": "http.request", "body": body, "more_body": False}
+        await hang_up.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    return receive, send, hang_up, sent
+
+
+def test_a_client_that_hangs_up_cancels_its_work_and_frees_its_slot() -> None:
+    cancelled: list[bool] = []
+
+    async def model_call(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        try:
+            await asyncio.sleep(60)  # waiting for a batch, or computing
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    front = ServingFront(model_call, max_inflight=1, retry_after_s=1, max_header_bytes=8192)
+    before = metrics().abandoned.labels(route="/classify")._value.get()
+
+    async def go() -> None:
+        receive, send, hang_up, sent = _held_request()
+        scope = {"type": "http", "method": "POST", "path": "/classify", "headers": []}
+        call = asyncio.create_task(front(scope, receive, send))
+        while front.inflight < 1:
+            await asyncio.sleep(0.01)
+        hang_up.set()
+        await asyncio.wait_for(call, 5)
+        assert sent == []  # nobody to answer
+
+    _run(go())
+    assert cancelled == [True]
+    assert front.inflight == 0
+    assert metrics().abandoned.labels(route="/classify")._value.get() == before + 1
+
+
+def test_an_answered_request_is_not_counted_as_abandoned() -> None:
+    async def quick(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    front = ServingFront(quick, max_inflight=1, retry_after_s=1, max_header_bytes=8192)
+    before = metrics().abandoned.labels(route="/classify")._value.get()
+
+    async def go() -> list[dict[str, Any]]:
+        receive, send, hang_up, sent = _held_request()
+        hang_up.set()  # uvicorn answers a disconnect at once after the response is complete
+        scope = {"type": "http", "method": "POST", "path": "/classify", "headers": []}
+        await asyncio.wait_for(front(scope, receive, send), 5)
+        return sent
+
+    sent = _run(go())
+    assert [m.get("status") for m in sent][:1] == [200]
+    assert metrics().abandoned.labels(route="/classify")._value.get() == before

@@ -237,6 +237,9 @@ def assign_splits(df: pd.DataFrame, cfg: Config,
     ``twins`` (pairs of row positions of ``df``, which must have a 0..n-1 index) join the
     groups of near-duplicate images into one unit (:func:`split_units`): a new image follows
     the split its twin already has, and twins that are both new are dealt together.
+
+    A stratum of two or more units always has one in test, and of three or more one in val
+    (:func:`_hold_out_each_stratum`), so no class is missing from the held-out splits.
     """
     df = df.reset_index(drop=True)
     df["split_group"] = [g or split_group(r, cfg.split.level) for g, (_, r) in zip(
@@ -265,7 +268,33 @@ def assign_splits(df: pd.DataFrame, cfg: Config,
             df.loc[df["_unit"] == unit, "split"] = chosen
             counts[chosen] += int(size_of[unit])
             known[unit] = chosen
+        _hold_out_each_stratum(df, list(units.index), set(new), size_of, cfg.split.salt)
     return df.drop(columns=["_stratum", "_unit"])
+
+
+def _hold_out_each_stratum(df: pd.DataFrame, units: list[str], new: set[str],
+                           size_of: pd.Series, salt: str) -> None:
+    """Give test (from 2 units) and val (from 3) at least one unit of a stratum, in place.
+
+    The share rule alone can deal every unit of a small stratum to train: C-NMC fold 1 has three
+    healthy donors, and once a near-duplicate pair joined two of them into one 400-image unit,
+    both units went to train and the test split held one class (no ROC AUC, no ``hem`` recall).
+    Only units new to this call move (frozen splits stay frozen), train keeps at least one, and
+    the smallest unit moves, so the shares are disturbed least.
+    """
+    split_of = df.groupby("_unit")["split"].first()
+    for needed, min_units in (("test", 2), ("val", 3)):
+        if len(units) < min_units or any(split_of[u] == needed for u in units):
+            continue
+        in_train = [u for u in units if split_of[u] == "train"]
+        movable = [u for u in in_train if u in new]
+        if len(in_train) < 2 or not movable:
+            continue
+        unit = min(movable, key=lambda u: (int(size_of[u]), _hash01(u, salt)))
+        df.loc[df["_unit"] == unit, "split"] = needed
+        split_of[unit] = needed
+        log.info("split: stratum of %s had no %s unit; %s (%d rows) dealt to %s",
+                 unit, needed, unit, int(size_of[unit]), needed)
 
 
 def measured_split_kind(rows: pd.DataFrame) -> str:
