@@ -105,3 +105,20 @@ def test_the_demo_and_e2e_profiles_allow_their_few_synthetic_subjects() -> None:
     for profile in ("configs/demo.yaml", "tests/e2e/tiny.yaml"):
         assert load_config(root / profile).gate.allow_few_subjects, profile
     assert not load_config(root / "configs/leukoflow.yaml").gate.allow_few_subjects
+
+
+def test_every_resample_keeps_the_class_mix() -> None:
+    """Two healthy donors beside ten patients: a plain cluster bootstrap draws no donor in
+    (10/12)^12 of its resamples, about one in nine; stratified, every resample has both
+    classes, in the test set's proportions of subjects."""
+    from training.evaluation.metrics import _resample_weights
+
+    y = np.array(["all"] * 100 + ["hem"] * 20)
+    subjects = np.array([f"p{i // 10}" for i in range(100)] + [f"h{i // 10}" for i in range(20)])
+    drawn_hem = []
+    for w in _resample_weights(y, subjects, 500, seed=3):
+        drawn_hem.extend(w[:, 100:].sum(axis=1))
+        assert np.allclose(w[:, :100].sum(axis=1), 100)  # ten patient subjects of 10 cells
+    assert min(drawn_hem) == 20  # two donors of 10 cells drawn every time
+    rows = list(_resample_weights(y, None, 200, seed=3))[0]
+    assert np.allclose(rows[:, 100:].sum(axis=1), 20)  # row level: 20 hem rows every time

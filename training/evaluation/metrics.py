@@ -5,6 +5,7 @@ estimates come from scikit-learn. Confidence intervals are percentile bootstraps
 or, given ``groups`` (subject ids), over whole subjects (a cluster bootstrap): cells of one
 patient share stain, scanner day and disease state, so they are not independent, and an
 interval that resamples them pretends to know far more than a handful of patients can tell.
+Both are stratified by class: every resample keeps the test set's class mix.
 The resamples are drawn once as a matrix of row counts, so 1000 resamples of 1000 rows cost a
 few matrix products instead of 1000 sklearn calls (``bootstrap_ci`` is the slow, generic twin
 used to check them). No TensorFlow or torch here: serving and the DAGs import this module.
@@ -109,18 +110,25 @@ def _positive_index(classes: Sequence[str], positive_class: str | None) -> int:
 # ---------------------------------------------------------------------------- bootstrap
 
 
-def _resample_indices(n_units: int, n_boot: int, seed: int,
-                      n_rows: int | None = None) -> Iterator[np.ndarray]:
+def _unit_draws(unit_strata: np.ndarray, n_boot: int, seed: int,
+                n_rows: int | None = None) -> Iterator[np.ndarray]:
     """Unit indices of ``n_boot`` resamples, in chunks of shape (b, n_units); seeded, shared.
 
-    ``n_rows`` (default ``n_units``) sizes the chunks: what each resample expands to in memory.
+    Stratified: each resample draws, with replacement, as many units of each stratum (class)
+    as the stratum has, so every resample keeps the test set's class mix. A plain bootstrap of
+    a few subjects often draws no healthy donor at all, and balanced accuracy or recall of a
+    missing class is then undefined or wild. ``n_rows`` (default the number of units) sizes
+    the chunks: what each resample expands to in memory.
     """
     rng = np.random.default_rng(seed)
+    n_units = len(unit_strata)
+    members = [np.flatnonzero(unit_strata == s) for s in np.unique(unit_strata)]
     chunk = max(1, _MAX_CELLS // max(n_rows or n_units, 1))
     done = 0
     while done < n_boot:
         b = min(chunk, n_boot - done)
-        yield rng.integers(0, n_units, size=(b, n_units))
+        yield np.concatenate([m[rng.integers(0, len(m), size=(b, len(m)))] for m in members],
+                             axis=1) if n_units else np.zeros((b, 0), dtype=np.int64)
         done += b
 
 
@@ -140,15 +148,21 @@ def _group_codes(groups: Any, n_rows: int) -> tuple[np.ndarray, int]:
     return codes.ravel(), len(uniques)
 
 
-def _resample_weights(n_rows: int, groups: Any, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+def _resample_weights(y_true: Any, groups: Any, n_boot: int,
+                      seed: int) -> Iterator[np.ndarray]:
     """(b, n_rows) matrices of how often each row is drawn: rows one by one, or, with
-    ``groups``, whole groups (a drawn subject brings all its cells, as often as it is drawn)."""
+    ``groups``, whole groups (a drawn subject brings all its cells, as often as it is drawn);
+    stratified by ``y_true`` (a group's class is its most common one, see :func:`_unit_draws`)."""
+    y_true = np.asarray(y_true).astype(str).ravel()
+    n_rows = len(y_true)
     if groups is None:
-        for idx in _resample_indices(n_rows, n_boot, seed):
+        for idx in _unit_draws(y_true, n_boot, seed):
             yield _counts(idx)
         return
     codes, n_groups = _group_codes(groups, n_rows)
-    for idx in _resample_indices(n_groups, n_boot, seed, n_rows=n_rows):
+    by_group = pd.DataFrame({"g": codes, "y": y_true}).groupby("g")["y"]
+    strata = by_group.agg(lambda s: s.value_counts().index[0]).reindex(range(n_groups))
+    for idx in _unit_draws(strata.to_numpy(dtype=str), n_boot, seed, n_rows=n_rows):
         yield _counts(idx)[:, codes]
 
 
@@ -220,7 +234,7 @@ def bootstrap_ci(
         raise ValueError(f"y_true has {len(y_true)} rows but predictions have {len(y)}")
     values = []
     rows = np.arange(len(y_true))
-    for w_chunk in _resample_weights(len(y_true), groups, n, seed):
+    for w_chunk in _resample_weights(y_true, groups, n, seed):
         for w in w_chunk:
             idx = np.repeat(rows, w.astype(np.int64))
             try:
@@ -252,23 +266,19 @@ def paired_bootstrap_delta(
     y_true, pred_a, pred_b = (np.asarray(v) for v in (y_true, pred_a, pred_b))
     if not len(y_true) == len(pred_a) == len(pred_b):
         raise ValueError("candidate and champion predictions must cover the same rows")
-    rng = np.random.default_rng(seed)
-    if groups is None:
-        members = [np.array([i]) for i in range(len(y_true))]
-    else:
-        groups = np.asarray(groups)
-        members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    rows = np.arange(len(y_true))
     deltas = []
-    for _ in range(n):
-        pick = rng.integers(0, len(members), size=len(members))
-        idx = np.concatenate([members[i] for i in pick])
-        try:
-            deltas.append(fn(y_true[idx], pred_a[idx]) - fn(y_true[idx], pred_b[idx]))
-        except ValueError:
-            continue
+    for w_chunk in _resample_weights(y_true, groups, n, seed):
+        for w in w_chunk:
+            idx = np.repeat(rows, w.astype(np.int64))
+            try:
+                deltas.append(fn(y_true[idx], pred_a[idx]) - fn(y_true[idx], pred_b[idx]))
+            except ValueError:
+                continue
+    n_units = len(y_true) if groups is None else len(np.unique(np.asarray(groups).astype(str)))
     low, high = _percentile_ci(np.array(deltas))
     return {"delta": fn(y_true, pred_a) - fn(y_true, pred_b), "delta_ci_low": low,
-            "delta_ci_high": high, "n_units": float(len(members))}
+            "delta_ci_high": high, "n_units": float(n_units)}
 
 
 def _weighted_auc(score: np.ndarray, positive: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -295,7 +305,7 @@ def _bootstrap_metrics(
     onehot = np.zeros((n, k * k))
     onehot[np.arange(n), y_true * k + y_pred] = 1.0
     out: dict[str, list[np.ndarray]] = {m: [] for m in CI_METRICS}
-    for w in _resample_weights(n, groups, n_boot, seed):
+    for w in _resample_weights(y_true, groups, n_boot, seed):
         cm = (w @ onehot).reshape(-1, k, k)  # (b, true, pred)
         tp = np.einsum("bii->bi", cm)
         support, predicted = cm.sum(axis=2), cm.sum(axis=1)

@@ -79,7 +79,7 @@ def per_class_cis(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int,
                   n_boot: int = N_BOOT, seed: int = 0,
                   groups: np.ndarray | None = None) -> dict[str, list[tuple[float, float]]]:
     """Percentile 95 % bootstrap CIs of per-class precision, recall and F1: rows resampled,
-    or whole subjects when ``groups`` (one subject id per row) is given."""
+    or whole subjects when ``groups`` (one subject id per row) is given; stratified by class."""
     from training.evaluation.metrics import _percentile_ci, _resample_weights
 
     y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
@@ -87,7 +87,7 @@ def per_class_cis(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int,
     onehot = np.zeros((len(y_true), k * k))
     onehot[np.arange(len(y_true)), y_true * k + y_pred] = 1.0
     vals: dict[str, list[np.ndarray]] = {"precision": [], "recall": [], "f1": []}
-    for w in _resample_weights(len(y_true), groups, n_boot, seed):
+    for w in _resample_weights(y_true, groups, n_boot, seed):
         cm = (w @ onehot).reshape(-1, k, k)
         tp = np.einsum("bii->bi", cm)
         support, predicted = cm.sum(axis=2), cm.sum(axis=1)
