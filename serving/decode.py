@@ -30,7 +30,8 @@ from PIL import Image
 from training.contract import InputContract, check_image, convert
 
 __all__ = [
-    "BadImage", "ImageTooLarge", "UploadGuard", "decode_upload", "read_upload", "safe_filename",
+    "BadImage", "ImageTooLarge", "NotExplainable", "UploadGuard", "decode_upload", "read_upload",
+    "safe_filename",
 ]
 
 FIELD = "image"
@@ -50,6 +51,13 @@ class BadImage(ValueError):
 
 class ImageTooLarge(BadImage):
     status = 413
+
+
+class NotExplainable(RuntimeError):
+    """The champion cannot explain its answer (a hand-crafted model has no gradients for
+    Grad-CAM): a 409 for ``/explain``, and the web page shows the answer without a heatmap."""
+
+    status = 409
 
 
 def read_upload(path: str | Path | None, max_bytes: int) -> bytes:

@@ -39,7 +39,7 @@ from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse, Response
 
 from serving.auth import ApiKeyMiddleware
-from serving.decode import BadImage, UploadGuard, decode_upload, read_upload
+from serving.decode import BadImage, NotExplainable, UploadGuard, decode_upload, read_upload
 from serving.front import CancelOnDisconnect, ServingFront
 from serving.health import ReadinessCheck, is_transient, probes_for
 from serving.observability import bound_bentoml_labels, skip_abandoned_batch_jobs
@@ -171,8 +171,10 @@ class ClassifierService:
     @bentoml.api
     def info(self) -> dict[str, Any]:
         """What a caller needs to send pixels: preprocessing, classes, model, runtime."""
+        kind = str(self.metadata.get("model_kind") or "keras")
         return {"preprocess": self.params.to_dict(), "classes": self.classes,
-                "model": self.ref.model_dump(), "runtime": self.runtime, "pid": os.getpid()}
+                "model": self.ref.model_dump(), "runtime": self.runtime, "pid": os.getpid(),
+                "model_kind": kind, "explainable": kind != "handcrafted"}
 
     @bentoml.api(batchable=True, batch_dim=0, max_batch_size=_SERVING.batch_max_size,
                  max_latency_ms=_SERVING.batch_max_latency_ms)
@@ -339,6 +341,12 @@ class LeukoflowAPI:
         params = PreprocessParams.from_dict(info["preprocess"])
         pixels = (await asyncio.to_thread(preprocess_image, img, params)).astype(np.uint8)
         if method == "explain":
+            if not info.get("explainable", True):
+                model = info["model"]
+                raise NotExplainable(
+                    f"the classifier {model['name']} v{model['version']} is a "
+                    f"{info.get('model_kind')} model: Grad-CAM explains neural networks only; "
+                    "/classify answers for it")
             return await self._call(dep, "explain", pixels=pixels)
         probs = np.asarray(await self._call(dep, "classify_pixels", pixels=pixels[None]))[0]
         classes = [str(c) for c in info["classes"]]
@@ -359,6 +367,8 @@ class LeukoflowAPI:
             return _error(exc.status, str(exc), reasons=list(exc.reasons))
         try:
             return await self.infer(dep, method, img)
+        except NotExplainable as exc:
+            return _error(exc.status, str(exc), reason="not_explainable")
         except Exception as exc:
             if isinstance(exc, BentoMLException) and not is_transient(exc):
                 status = int(getattr(exc, "error_code", HTTPStatus.INTERNAL_SERVER_ERROR))

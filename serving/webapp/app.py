@@ -49,7 +49,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from serving.decode import BadImage, decode_upload
+from serving.decode import BadImage, NotExplainable, decode_upload
 from serving.webapp import pages_data, render
 from serving.webapp.accounts import AccountError, Accounts
 from serving.webapp.offline import rewrite_data_docs
@@ -385,23 +385,29 @@ async def classify(web: _Web, request: Request, user: Any, form: Any) -> Respons
         img = await web.image(form)
     except BadImage as exc:
         return web.page(request, "classify.html", exc.status, error=str(exc))
-    try:
-        result, cam = await asyncio.gather(web.call("classifier", "classify", image=img),
-                                           web.call("classifier", "explain", image=img))
-    except Exception as exc:  # noqa: BLE001 - shown as the API shows it
-        log.exception("classify page: model call failed")
-        status, text = _model_error("classifier", exc)
-        return web.page(request, "classify.html", status, error=text)
+    result, cam = await asyncio.gather(web.call("classifier", "classify", image=img),
+                                       web.call("classifier", "explain", image=img),
+                                       return_exceptions=True)
+    for answer in (result, cam):
+        if isinstance(answer, BaseException) and not isinstance(answer, NotExplainable):
+            log.error("classify page: model call failed", exc_info=answer)
+            status, text = _model_error("classifier", answer)  # shown as the API shows it
+            return web.page(request, "classify.html", status, error=text)
     result = _plain(result)
-    png = cam["png"]
-    if isinstance(png, str):  # a remote proxy may hand bytes back as base64 text
-        import base64
+    cam_uri, cam_note = None, None
+    if isinstance(cam, NotExplainable):  # a hand-crafted champion: the answer, no heatmap
+        cam_note = str(cam)
+    else:
+        png = cam["png"]
+        if isinstance(png, str):  # a remote proxy may hand bytes back as base64 text
+            import base64
 
-        png = base64.b64decode(png)
+            png = base64.b64decode(png)
+        cam_uri = render.data_uri(png)
     return web.page(request, "classify.html", result=result,
                     chart=render.probability_svg(result["probabilities"], result["label"]),
                     input_uri=render.data_uri(render.thumbnail(img)),
-                    cam_uri=render.data_uri(png))
+                    cam_uri=cam_uri, cam_note=cam_note)
 
 
 @_login_required()

@@ -42,7 +42,14 @@ class FakeClassifier:
         return {"label": "all", "probabilities": {"all": 0.83, "hem": 0.17},
                 "model": {"name": "leukemia-classifier", "version": "1"}}
 
+    explainable = True  # False: a hand-crafted champion, as the API's infer() refuses it
+
     def explain(self, image: Image.Image) -> dict[str, Any]:
+        if not self.explainable:
+            from serving.decode import NotExplainable
+
+            raise NotExplainable("the classifier leukemia-classifier v1 is a handcrafted "
+                                 "model: Grad-CAM explains neural networks only")
         base = image.convert("RGB").resize((128, 128))
         heat = Image.new("RGB", base.size, (0, 0, 0))
         draw = ImageDraw.Draw(heat)

@@ -88,6 +88,24 @@ def test_detect_draws_boxes_and_counts(page: Any, site: Site, account: str) -> N
     shot(page, "detect")
 
 
+def test_a_champion_without_grad_cam_still_answers_on_the_page(page: Any, site: Site,
+                                                                account: str) -> None:
+    from tests.browser.conftest import FakeModels
+
+    FakeModels.classifier.explainable = False
+    try:
+        _login(page, site, account)
+        page.goto(f"{site.url}/classify")
+        page.set_input_files("input[name=image]", str(site.cell))
+        page.click("#classify-form button[type=submit]")
+        page.wait_for_selector("#classification")
+        assert page.inner_text("#predicted-label") == "all"
+        assert "Grad-CAM explains neural networks only" in page.inner_text("#gradcam-note")
+        assert page.locator("#gradcam").count() == 0
+    finally:
+        FakeModels.classifier.explainable = True
+
+
 def test_bad_upload_shows_the_api_message(page: Any, site: Site, account: str,
                                           tmp_path: Any) -> None:
     bad = tmp_path / "notes.png"

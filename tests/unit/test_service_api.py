@@ -330,3 +330,28 @@ def test_web_app_is_mounted_with_its_own_auth_and_the_same_models(api: Any) -> N
     assert 'id="predicted-label">all<' in resp.text and "version <b>7</b>" in resp.text
     assert len(deps["classifier"].seen) == 1  # the API's own dependency answered
     client.cookies.clear()
+
+
+def test_explain_of_a_handcrafted_champion_is_a_409_that_says_why(api: Any) -> None:
+    """A hand-crafted champion has no gradients: /explain says so (not a 502), /classify
+    still answers, and the lab's classify page shows the answer without a heatmap."""
+    import gc
+
+    client, deps = api
+    instance = next(o for o in gc.get_objects() if isinstance(o, svc.LeukoflowAPI.inner))
+    plain_info = deps["classifier"].info
+
+    def handcrafted_info() -> dict[str, Any]:
+        return {**plain_info(), "model_kind": "handcrafted", "explainable": False}
+
+    deps["classifier"].info = handcrafted_info
+    instance._classifier_meta = None  # the API caches the classifier's info()
+    try:
+        resp = client.post("/explain", **_upload(_png()))
+        assert resp.status_code == 409, resp.text
+        assert resp.json()["reason"] == "not_explainable"
+        assert "handcrafted model: Grad-CAM explains neural networks only" in resp.json()["error"]
+        assert client.post("/classify", **_upload(_png())).status_code == 200
+    finally:
+        del deps["classifier"].info
+        instance._classifier_meta = None
