@@ -151,22 +151,19 @@ def train(ctx: click.Context, family: str, architecture: str | None,
 def evaluate(ctx: click.Context, model: str, path: Path, n_bootstrap: int) -> None:
     """Score MODEL on the labelled folder PATH (any supported layout) without curating it.
 
-    MODEL: leukemia-classifier@champion, leukemia-classifier/3, runs:/<run id>/model.
+    MODEL: leukemia-classifier@champion, leukemia-detector/3, runs:/<run id>/model. A
+    classifier takes a cell folder, a detector a YOLO or Pascal VOC field folder.
     Logs an MLflow evaluation run (split kind 'external') linked to the model; prints its report.
     """
-    from training.external import evaluate_folder
+    from training.external import evaluate_folder, headline
 
     report = evaluate_folder(_cfg(ctx), model, path, n_bootstrap=n_bootstrap)
-    m = report["metrics"]
-    headline = {k: m[k] for k in ("n_test", "accuracy", "balanced_accuracy", "f1_macro",
-                                  "roc_auc", "ece", "n_subjects") if k in m}
-    for k in ("accuracy", "balanced_accuracy", "roc_auc"):
-        if f"{k}_ci_low" in m:
-            headline[f"{k}_95ci"] = [m[f"{k}_ci_low"], m[f"{k}_ci_high"]]
+    extra = {k: report[k] for k in ("boxes_dropped", "classes_not_in_model") if k in report}
     _echo_json({"run_id": report["run_id"], "model": report["model"]["uri"],
-                "split_kind": report["split_kind"], "layout": report["layout"],
-                "skipped": report["skipped"], "n_seen_in_training": report["n_seen_in_training"],
-                "metrics": headline})
+                "family": report["family"], "split_kind": report["split_kind"],
+                "layout": report["layout"], "skipped": report["skipped"],
+                "n_seen_in_training": report["n_seen_in_training"], **extra,
+                "metrics": headline(get_family(report["family"]), report["metrics"])})
 
 
 @main.command("cv")

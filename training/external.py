@@ -1,39 +1,41 @@
 """``leukoflow evaluate MODEL PATH``: score a model on a labelled folder it never trained on.
 
-"How does the champion do on this other lab's images?" The folder may be in any layout the
-importers know (:mod:`training.data.importers`: manifest.csv, C-NMC names, class folders);
-nothing is curated, copied or split. The model is any logged classifier an MLflow client can
-name: ``leukemia-classifier@champion``, ``leukemia-classifier/3``, ``runs:/<id>/model``,
-``models:/...``. What comes out is the same evaluation a training run logs for its test rows
-(:func:`training.evaluation.metrics.classification_metrics` on the model's own preprocessing
-and temperature, plots, per-image predictions), as an MLflow **evaluation run** whose metrics
-are linked to the logged model (MLflow 3's ``model_id``) and whose split kind is ``external``;
-a registered version also gets a tag ``evaluation.<run id>`` pointing at it, which the web
-app's model page lists. Images of the folder that are byte-identical to the model's own
-training or validation rows are counted (``n_seen_in_training``) and reported: such a set is
-not external.
+"How does the champion do on this other lab's images?" The model is any logged leukoflow model
+an MLflow client can name: ``leukemia-classifier@champion``, ``leukemia-detector/3``,
+``runs:/<id>/model``, ``models:/...``; its family (the MLmodel metadata) picks the scorer from
+the family table (``Family.evaluate``: :mod:`training.classifier.external` for a cell folder,
+:mod:`training.detector.external` for a labelled field folder). The folder may be in any layout
+the importers know (:mod:`training.data.importers`); nothing is curated, copied or split. What
+comes out is the same evaluation a training run logs for its test rows, as an MLflow
+**evaluation run** whose metrics are linked to the logged model (MLflow 3's ``model_id``) and
+whose split kind is ``external``, with a per-image ``predictions/external.csv``; a registered
+version also gets a tag ``evaluation.<run id>`` pointing at it, which the web app's model page
+lists. Images of the folder that are byte-identical to the model's own training or validation
+rows are counted (``n_seen_in_training``) and reported: such a set is not external.
 
-Detector versions are refused with a message (mAP on a labelled field folder is not built yet).
-TensorFlow is imported only when a classifier is scored: run this in a process without torch.
+A scorer imports its framework (TensorFlow for a classifier, torch for a detector) and only
+one is imported per call: run this in a process that holds neither (the CLI does).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import re
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from training.config import Config
 from training.errors import ConfigError, DataValidationError, RegistryError
+from training.families import FAMILIES, Family
 
-__all__ = ["EXTERNAL", "ModelRef", "evaluate_folder", "resolve_model_ref"]
+__all__ = ["EXTERNAL", "ModelRef", "Scored", "evaluate_folder", "headline", "resolve_model_ref"]
 
 log = logging.getLogger(__name__)
 
@@ -94,36 +96,30 @@ def resolve_model_ref(cfg: Config, ref: str) -> ModelRef:
     return model
 
 
-# --------------------------------------------------------------------------------- folder
-def folder_rows(path: Path, classes: list[str]) -> tuple[str, pd.DataFrame, dict[str, int]]:
-    """The labelled cell images of ``path`` whose label the model knows.
+# --------------------------------------------------------------------------------- scored
+@dataclass
+class Scored:
+    """What a family's scorer (``Family.evaluate``) measured on a folder, ready to log.
 
-    Returns ``(layout, rows, skipped)``: rows with absolute ``path``, ``label``,
-    ``subject_id`` and ``sha256``, in path order; ``skipped`` counts what was left out and why.
+    ``table`` holds one row per scored image with at least ``file`` and ``sha256`` (the
+    predictions csv); ``dataset_columns`` of it make the MLflow dataset the metrics are linked
+    to (``targets`` names its label column, if any); ``plots`` are files under ``plots/``.
     """
-    from training.data.importers import import_batch
 
-    layout, records = import_batch(Path(path), Path(path).name or "external")
-    skipped: dict[str, int] = {}
-    rows = []
-    for rec in records:
-        why = ("not_a_cell_image" if rec.kind != "cell" else rec.error or
-               ("unlabelled" if not rec.label else
-                "" if rec.label in classes else "label_unknown_to_model"))
-        file = Path(path) / rec.path
-        if not why and not file.is_file():
-            why = "missing_file"
-        if why:
-            skipped[why] = skipped.get(why, 0) + 1
-            continue
-        rows.append({"file": rec.path, "path": str(file.resolve()), "label": rec.label,
-                     "subject_id": rec.subject_id,
-                     "sha256": hashlib.sha256(file.read_bytes()).hexdigest()})
-    if not rows:
-        raise DataValidationError(
-            f"{path} (layout {layout}) holds no labelled cell images of the model's classes "
-            f"{classes}; left out: {skipped or 'nothing'}")
-    return layout, pd.DataFrame(rows), skipped
+    layout: str
+    table: pd.DataFrame
+    metrics: dict[str, float]
+    skipped: dict[str, int]
+    dataset_columns: list[str]
+    targets: str | None = None
+    plots: list[Path] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _seen_in_training(cfg: Config, run_tags: dict[str, str], shas: pd.Series) -> int | None:
@@ -143,51 +139,37 @@ def _seen_in_training(cfg: Config, run_tags: dict[str, str], shas: pd.Series) ->
 
 
 # --------------------------------------------------------------------------------- scoring
-def _classifier_probabilities(model_dir: Path, paths: list[str]) -> tuple[np.ndarray, dict]:
-    """The logged classifier's served probabilities of these files, preprocessed as at
-    training (the same tf.data pipeline over the one preprocessing function) and scaled by
-    its stored temperature."""
-    from training.classifier.inputs import make_dataset
-    from training.classifier.predict import (
-        PREDICT_BATCH,
-        apply_temperature,
-        load_classifier,
-        model_temperature,
-    )
-    from training.preprocess import PreprocessParams
-
-    model, meta = load_classifier(model_dir)
-    params = PreprocessParams.from_dict(meta["preprocess"])
-    n_classes = int(model.output_shape[-1])
-    ds = make_dataset(paths, None, n_classes, params, batch_size=PREDICT_BATCH, cache=False)
-    raw = np.asarray(model.predict(ds, verbose=0), dtype=np.float64)
-    return apply_temperature(raw, model_temperature(meta)).astype(np.float64), meta
-
-
-def _model_family(model_dir: Path) -> dict[str, Any]:
+def _model_family(model_dir: Path, ref: str) -> tuple[Family, dict[str, Any]]:
+    """The family record and MLmodel metadata of a downloaded model (read as YAML)."""
     import yaml
 
     mlmodel = Path(model_dir) / "MLmodel"
     if not mlmodel.is_file():
         raise RegistryError(f"{model_dir} is not a logged MLflow model (no MLmodel file)")
-    return (yaml.safe_load(mlmodel.read_text()) or {}).get("metadata") or {}
+    meta = (yaml.safe_load(mlmodel.read_text()) or {}).get("metadata") or {}
+    family = FAMILIES.get(str(meta.get("family")))
+    if family is None:
+        raise RegistryError(f"{ref} is not a leukoflow model (metadata family "
+                            f"{meta.get('family')!r}, not one of {sorted(FAMILIES)})")
+    return family, meta
+
+
+def _scorer(family: Family) -> Callable[..., Scored]:
+    module, func = family.evaluate.split(":")
+    return getattr(importlib.import_module(module), func)
 
 
 def evaluate_folder(cfg: Config, ref: str, path: Path, *, n_bootstrap: int = 1000,
                     tags: dict[str, str] | None = None) -> dict[str, Any]:
     """Score model ``ref`` on the labelled folder ``path``; log it as an evaluation run.
 
-    Returns the report (``evaluation.json`` of the run): model, folder, layout, split kind
-    ``external``, the run id, the metrics and what was left out.
+    The model's family (its MLmodel metadata) picks the scorer (``Family.evaluate``).
+    Returns the report (``evaluation.json`` of the run): model, family, folder, layout, split
+    kind ``external``, the run id, the metrics and what was left out.
     """
     import mlflow
     import mlflow.data
 
-    from training.evaluation.metrics import (
-        classification_metrics,
-        save_classification_plots,
-        subject_groups,
-    )
     from training.tracking import configure_mlflow
 
     path = Path(path)
@@ -203,81 +185,72 @@ def evaluate_folder(cfg: Config, ref: str, path: Path, *, n_bootstrap: int = 100
                                                              dst_path=str(work / "model")))
     except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds for a bad URI
         raise RegistryError(f"cannot download {model.uri}: {exc}") from exc
-    meta = _model_family(model_dir)
-    family = meta.get("family")
-    if family == "detector":
-        raise ConfigError(
-            f"{ref} is a detector: `leukoflow evaluate` scores classifiers only so far "
-            "(a detector's mAP50 on a labelled field folder: training/evaluation/detection.py "
-            "has the metric, the folder scoring is not built yet)")
-    if family != "classifier":
-        raise RegistryError(f"{ref} is not a leukoflow model (metadata family {family!r})")
+    family, meta = _model_family(model_dir, ref)
     info = mlflow.models.get_model_info(model.uri)
-    classes = [str(c) for c in meta["classes"]]
-    positive = meta.get("positive_class") if len(classes) == 2 else None
-    layout, rows, skipped = folder_rows(path, classes)
     train_run = mlflow.get_run(info.run_id) if info.run_id else None
     train_tags = dict(train_run.data.tags) if train_run else {}
-    seen = _seen_in_training(cfg, train_tags, rows["sha256"])
 
-    y_prob, meta = _classifier_probabilities(model_dir, list(rows["path"]))
-    y_true = rows["label"].map({c: i for i, c in enumerate(classes)}).to_numpy(dtype=np.int64)
-    metrics = classification_metrics(y_true, y_prob, classes, positive,
-                                     n_bootstrap=n_bootstrap, groups=subject_groups(rows))
-    metrics["n_skipped"] = float(sum(skipped.values()))
+    scored = _scorer(family)(cfg, model_dir, meta, path, n_bootstrap=n_bootstrap, work=work,
+                             title=f"{model.given} on {path.name} (external)")
+    table, metrics = scored.table, dict(scored.metrics)
+    seen = _seen_in_training(cfg, train_tags, table["sha256"])
+    metrics["n_skipped"] = float(sum(scored.skipped.values()))
     if seen is not None:
         metrics["n_seen_in_training"] = float(seen)
         if seen:
             log.warning("%d of %d images of %s are byte-identical to the model's own training "
-                        "or validation rows: this set is not external", seen, len(rows), path)
-    table = rows[["file", "sha256", "label", "subject_id"]].copy()
-    for j, cls in enumerate(classes):
-        table[f"p_{cls}"] = y_prob[:, j]
-    table["predicted"] = [classes[i] for i in y_prob.argmax(axis=1)]
-    table["correct"] = table["predicted"] == table["label"]
+                        "or validation rows: this set is not external", seen, len(table), path)
 
-    set_sha = hashlib.sha256("\n".join(sorted(rows["sha256"])).encode()).hexdigest()
+    set_sha = hashlib.sha256("\n".join(sorted(table["sha256"])).encode()).hexdigest()
     run_tags = {
-        "run_kind": "evaluation", "family": "classifier", "split_kind": EXTERNAL,
+        "run_kind": "evaluation", "family": family.name, "split_kind": EXTERNAL,
         "evaluated_model": model.given, "evaluated_model_uri": model.uri,
         "model_name": model.name or "", "model_version": model.version or "",
         "model_id": info.model_id or "", "architecture": str(meta.get("architecture", "")),
         "trained_on_dataset_version": train_tags.get("dataset_version", ""),
-        "evaluation_folder": str(path.resolve())[:5000], "layout": layout,
-        "external_set_sha256": set_sha, **(tags or {})}
+        "evaluation_folder": str(path.resolve())[:5000], "layout": scored.layout,
+        "external_set_sha256": set_sha, **scored.tags, **(tags or {})}
     label = f"v{model.version}" if model.version else (info.run_id or "model")[:8]
     with mlflow.start_run(experiment_id=experiment_id, tags=run_tags,
                           run_name=f"evaluate-{model.name or 'model'}-{label}-{path.name}") as run:
         dataset = mlflow.data.from_pandas(
-            table[["sha256", "label", "subject_id"]], source=str(path.resolve()),
-            name=f"external-{path.name}-{set_sha[:8]}", targets="label")
+            table[scored.dataset_columns], source=str(path.resolve()),
+            name=f"external-{path.name}-{set_sha[:8]}", targets=scored.targets)
         mlflow.log_input(dataset, context=EXTERNAL)
-        mlflow.log_params({"n_images": len(rows), "layout": layout,
-                           "temperature": float(meta.get("temperature") or 1.0),
-                           **{f"skipped.{k}": v for k, v in skipped.items()}})
+        mlflow.log_params({"n_images": len(table), "layout": scored.layout, **scored.params,
+                           **{f"skipped.{k}": v for k, v in scored.skipped.items()}})
         mlflow.log_metrics(metrics, model_id=info.model_id, dataset=dataset)
-        for plot in save_classification_plots(y_true, y_prob, classes, work / "plots",
-                                              title=f"{model.given} on {path.name} (external)"):
+        for plot in scored.plots:
             mlflow.log_artifact(str(plot), artifact_path="plots")
         mlflow.log_text(table.to_csv(index=False), "predictions/external.csv")
-        report = {"model": asdict(model), "model_id": info.model_id, "folder":
-                  str(path.resolve()), "layout": layout, "split_kind": EXTERNAL,
-                  "run_id": run.info.run_id, "n_images": len(rows), "skipped": skipped,
-                  "n_seen_in_training": seen, "metrics": metrics}
+        report = {"model": asdict(model), "model_id": info.model_id, "family": family.name,
+                  "folder": str(path.resolve()), "layout": scored.layout,
+                  "split_kind": EXTERNAL, "run_id": run.info.run_id, "n_images": len(table),
+                  "skipped": scored.skipped, "n_seen_in_training": seen, **scored.report,
+                  "metrics": metrics}
         mlflow.log_dict(report, "evaluation.json")
     if model.name and model.version:
-        _tag_version(cfg, model, run.info.run_id, path, metrics)
+        _tag_version(model, family, run.info.run_id, path, metrics)
     (work / "evaluation.json").write_text(json.dumps(report, indent=2, default=str))
     return report
 
 
-def _tag_version(cfg: Config, model: ModelRef, run_id: str, path: Path,
+def headline(family: Family, metrics: dict[str, float]) -> dict[str, Any]:
+    """The family's headline figures of a report (``Family.headline``) and, under ``ci95``,
+    their 95 % CIs as ``[low, high]``."""
+    out: dict[str, Any] = {k: metrics[k] for k in (family.count_metric, *family.headline)
+                           if k in metrics}
+    out["ci95"] = {k: [metrics[f"{k}_ci_low"], metrics[f"{k}_ci_high"]]
+                   for k in family.headline if f"{k}_ci_low" in metrics}
+    return out
+
+
+def _tag_version(model: ModelRef, family: Family, run_id: str, path: Path,
                  metrics: dict[str, float]) -> None:
     """``evaluation.<run id>`` on the version: what it was scored on, and the headline."""
     from mlflow import MlflowClient
 
-    summary = ", ".join(f"{k}={metrics[k]:.4f}" for k in ("balanced_accuracy", "accuracy",
-                                                          "roc_auc", "ece") if k in metrics)
+    summary = ", ".join(f"{k}={metrics[k]:.4f}" for k in family.headline if k in metrics)
     MlflowClient().set_model_version_tag(
         model.name, model.version, f"evaluation.{run_id}",
-        f"{EXTERNAL} {path.name} (n={int(metrics['n_test'])}): {summary}"[:5000])
+        f"{EXTERNAL} {path.name} (n={int(metrics[family.count_metric])}): {summary}"[:5000])

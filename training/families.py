@@ -5,8 +5,8 @@ in the spirit of Ultralytics' ``task_map`` and of the classifier's architecture 
 (:mod:`training.classifier.architectures`): the registered model name and gate metric (as
 config keys, so the YAML stays the one place for values), which manifest rows the family learns
 from, the module that trains one candidate in a child process, the predict module that serving
-and evaluation load, and the MLflow pyfunc class. Every other module asks :func:`get_family` or
-iterates :data:`FAMILIES`.
+and evaluation load, the MLflow pyfunc class, and the scorer of ``leukoflow evaluate``. Every
+other module asks :func:`get_family` or iterates :data:`FAMILIES`.
 
 Importing this module is cheap: module paths are strings, imported where they are used.
 """
@@ -48,6 +48,10 @@ class Family:
     comparison: str  # "module:function" (rows, out_dir) -> paths: that table's writer
     route: str  # the HTTP route that serves it
     answer_fields: tuple[str, ...]  # what a good answer of that route holds (smoke test)
+    evaluate: str  # "module:function" scoring a logged model on a labelled folder
+    # (``leukoflow evaluate``; signature and result: training.external.Scored)
+    count_metric: str  # the metric counting the scored images
+    headline: tuple[str, ...]  # metrics an evaluation's version tag and CLI summary show
     intended_use: str = ""  # the model card's "intended use" (Mitchell et al.)
     out_of_scope: str = ""  # the model card's "out-of-scope use"
 
@@ -99,6 +103,8 @@ FAMILIES: dict[str, Family] = {
         takes_architecture=True, compare_architectures=True,
         comparison="training.evaluation.metrics:save_comparison",
         route="/classify", answer_fields=("label", "probabilities"),
+        evaluate="training.classifier.external:score_folder", count_metric="n_test",
+        headline=("balanced_accuracy", "accuracy", "f1_macro", "roc_auc", "ece", "n_subjects"),
         intended_use=(
             "Research and decision support: sort single segmented white-blood-cell images "
             "(C-NMC style crops) into the configured classes, as a second reader for a "
@@ -121,6 +127,8 @@ FAMILIES: dict[str, Family] = {
         takes_architecture=True, compare_architectures=True,
         comparison="training.evaluation.detection:save_detection_comparison",
         route="/detect", answer_fields=("boxes",),
+        evaluate="training.detector.external:score_folder", count_metric="n_test_images",
+        headline=("map50", "map50_95", "precision", "recall"),
         intended_use=(
             "Research and decision support: find and count white blood cells in a stained "
             "blood-smear field so that a professional can review them, or crop cells for the "

@@ -23,7 +23,7 @@ import pytest
 
 from tests.netguard import net_guard_env
 from training.config import load_config
-from training.data.dataset import assign_splits, write_manifest
+from training.data.dataset import assign_splits, load_manifest, write_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -236,6 +236,96 @@ def test_champion_is_evaluated_on_the_same_test_set(trained: dict) -> None:
     run = MlflowClient().get_run(second["run_id"])
     assert run.data.tags["champion_version"] == str(mv.version)
     assert run.data.metrics["champion/map50"] == pytest.approx(champ["map50"])
+
+
+def test_evaluate_on_a_folder_reproduces_the_logged_test_metrics(tmp_path: Path) -> None:
+    """`leukoflow evaluate leukemia-detector/<version> FOLDER` on a YOLO folder of the run's test
+    fields (never curated; its own file names and class ids, plus a class the model does not
+    know) gives back the test metrics the training run logged, CIs included, as an evaluation
+    run of split kind 'external' linked to the model and tagged on the version.
+
+    Its own model, trained long enough (40 epochs at 128 px, about a minute on CPU) to find some
+    cells: the module's 1-epoch model scores 0 everywhere, which any scorer would reproduce."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from training.tracking import configure_mlflow
+
+    home = tmp_path / "home"
+    version = _curate_fields(home, n_images=16, size=(320, 240))
+    train_env = _child_env(home, LEUKOFLOW_DETECTOR__IMGSZ="128", LEUKOFLOW_DETECTOR__EPOCHS="40",
+                           LEUKOFLOW_DETECTOR__BATCH="8", LEUKOFLOW_DETECTOR__WARMUP_EPOCHS="0")
+    out_json = home / "candidate.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.detector.train", "--dataset-version", str(version),
+         "--out", str(out_json)],
+        cwd=ROOT, env=train_env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    cfg = load_config(home=home)
+    configure_mlflow(cfg)
+    client = MlflowClient()
+    cand = json.loads(out_json.read_text())
+    assert cand["metrics"]["map50"] > 0 and cand["metrics"]["recall"] > 0  # found some cells
+    mv = mlflow.register_model(cand["model_uri"], cfg.mlflow.detector_name)
+    df, _ = load_manifest(cfg, version)
+    test = df[(df["split"] == "test") & (df["kind"] == "field")]
+    folder = tmp_path / "other-lab"
+    for sub in ("images", "labels"):
+        (folder / sub).mkdir(parents=True)
+    # the folder's ids: 0 = RBC (unknown to the model, one box per field), 1 = WBC (the model's 0)
+    (folder / "data.yaml").write_text("names: [RBC, WBC]\n")
+    n_wbc = 0
+    for i, row in enumerate(test.itertuples()):
+        shutil.copyfile(home / "curated" / row.key, folder / "images" / f"field-{i:02d}.jpg")
+        lines = [ln.split() for ln in (home / "curated" / row.label_key).read_text().splitlines()
+                 if ln.strip()]
+        assert all(parts[0] == "0" for parts in lines)
+        n_wbc += len(lines)
+        (folder / "labels" / f"field-{i:02d}.txt").write_text("".join(
+            ["0 0.5 0.5 0.1 0.1\n"] + [" ".join(["1", *parts[1:]]) + "\n" for parts in lines]))
+
+    env = _child_env(home, LEUKOFLOW_DETECTOR__BATCH="8", **net_guard_env(home, ROOT))
+    net_log = Path(env["NET_ATTEMPTS_LOG"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.cli", "evaluate",
+         f"{cfg.mlflow.detector_name}/{mv.version}", str(folder)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert not net_log.exists(), f"network attempts: {net_log.read_text()}"
+    out = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert out["family"] == "detector" and out["split_kind"] == "external"
+    assert out["layout"] == "yolo" and out["skipped"] == {}
+    assert out["n_seen_in_training"] == 0  # test fields: neither trained nor validated on
+    assert out["boxes_dropped"] == {"RBC": len(test)}
+    assert out["classes_not_in_model"] == ["RBC"]
+
+    logged = client.get_run(cand["run_id"]).data.metrics
+    evaluation = client.get_run(out["run_id"])
+    got = evaluation.data.metrics
+    assert got["n_test_images"] == logged["n_test_images"] == len(test)
+    same = {k for k in cand["metrics"]
+            if k not in ("train_time_s", "latency_ms_per_image", "trainable_params")
+            and not k.startswith("val/")}
+    assert {"map50", "map50_95", "precision", "recall", "map50__WBC", "map50_ci_low",
+            "map50_95_ci_high", "recall_image_level"} <= same
+    for key in sorted(same):  # same weights, imgsz, images and order: the same figures
+        assert got[key] == pytest.approx(logged[key], abs=1e-6), key
+    assert evaluation.data.tags["split_kind"] == "external"
+    assert evaluation.data.tags["family"] == "detector"
+    assert evaluation.data.tags["model_version"] == str(mv.version)
+    assert evaluation.data.tags["classes_not_in_model"] == "RBC"
+    assert evaluation.data.params["boxes_dropped.RBC"] == str(len(test))
+    assert evaluation.data.params["n_boxes"] == str(n_wbc)
+    version = client.get_model_version(cfg.mlflow.detector_name, mv.version)
+    assert "map50=" in version.tags[f"evaluation.{out['run_id']}"]
+    model = mlflow.get_logged_model(cand["model_uri"].removeprefix("models:/"))
+    linked = {m.dataset_name for m in model.metrics if m.key == "map50"}
+    assert any(name.startswith("external-other-lab") for name in linked), linked
+    table = pd.read_csv(mlflow.artifacts.download_artifacts(
+        f"runs:/{out['run_id']}/predictions/external.csv"))
+    assert len(table) == len(test) and set(table["sha256"]) == set(test["sha256"])
+    assert table["n_boxes"].sum() == table["n_boxes__WBC"].sum() == n_wbc
+    assert (table["n_true_positive_iou0.5"] <= table["n_predicted_conf0.25"]).all()
 
 
 def test_cli_fails_with_one_clear_line_when_there_is_no_dataset(tmp_path: Path) -> None:

@@ -179,11 +179,12 @@ def _label_classes(labels_dir: Path) -> set[int]:
 
 def evaluate_weights(
     weights: Path, data_yaml: Path, *, imgsz: int, batch: int, device: int | str,
-    classes: list[str], out_dir: Path,
+    classes: list[str], out_dir: Path, n_bootstrap: int = 1000,
 ) -> tuple[dict[str, float], list[ImageMatches]]:
     """Test-split metrics of one weights file: P, R, mAP50, mAP50-95 (overall and per class,
-    with bootstrap CIs over images), latency per image and parameter count, and the per-image
-    matches (for the paired test). Every number is measured here."""
+    with bootstrap CIs over images, ``n_bootstrap`` resamples), latency per image and
+    parameter count, and the per-image matches (for the paired test), in file-name order.
+    Every number is measured here; ``leukoflow evaluate`` scores a detector with it too."""
     from PIL import Image
     from ultralytics import YOLO
 
@@ -211,7 +212,7 @@ def evaluate_weights(
         metrics.update({f"precision__{name}": float(p), f"recall__{name}": float(r),
                         f"map50__{name}": float(ap50), f"map50_95__{name}": float(ap)})
 
-    intervals = detection_intervals(matches)
+    intervals = detection_intervals(matches, n=n_bootstrap)
     metrics.update({k: v for k, v in intervals.items() if math.isfinite(v)})
 
     images = sorted((root / "images" / "test").iterdir())[:LATENCY_IMAGES]

@@ -12,7 +12,7 @@ import yaml
 
 from training.errors import ConfigError, DataValidationError
 
-__all__ = ["SPLITS", "write_yolo_dataset"]
+__all__ = ["SPLITS", "write_yolo_dataset", "write_yolo_test_set"]
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,30 @@ def write_yolo_dataset(df: pd.DataFrame, dest: Path, classes: list[str]) -> Path
         "nc": len(classes),
         "names": dict(enumerate(classes)),
     }
+    data_yaml = dest / "data.yaml"
+    data_yaml.write_text(yaml.safe_dump(data, sort_keys=False))
+    return data_yaml
+
+
+def write_yolo_test_set(fields: list[tuple[Path, str, str]], dest: Path,
+                        classes: list[str]) -> Path:
+    """A test-only Ultralytics dataset of labelled fields ``(image, stem, YOLO label text)``,
+    the label ids already those of ``classes``: what ``leukoflow evaluate`` scores a detector
+    on. Images are named by ``stem`` (the caller uses the content hash, as
+    :func:`write_yolo_dataset` does, so the images sort in the training run's order); every
+    split points at ``images/test``. Returns ``dest/data.yaml``."""
+    if not fields:
+        raise DataValidationError(f"no labelled fields to score under {dest}")
+    dest = Path(dest)
+    for sub in ("images", "labels"):
+        shutil.rmtree(dest / sub, ignore_errors=True)
+    for image, stem, text in fields:
+        _link(Path(image).resolve(), dest / "images" / "test" / f"{stem}{image.suffix.lower()}")
+        label = dest / "labels" / "test" / f"{stem}.txt"
+        label.parent.mkdir(parents=True, exist_ok=True)
+        label.write_text(text + ("\n" if text and not text.endswith("\n") else ""))
+    data = {"path": str(dest.resolve()), "train": "images/test", "val": "images/test",
+            "test": "images/test", "nc": len(classes), "names": dict(enumerate(classes))}
     data_yaml = dest / "data.yaml"
     data_yaml.write_text(yaml.safe_dump(data, sort_keys=False))
     return data_yaml
