@@ -643,7 +643,7 @@ def save_comparison(rows: list[dict], out_dir: Path) -> list[Path]:
     ax.set_xticks(x, labels=[str(a) for a in df["architecture"]], rotation=30, ha="right")
     ax.set_ylim(0, 1.08)
     ax.set_ylabel("Test accuracy (95 % bootstrap CI)")
-    ax.set_xlabel("Architecture (hatched: majority-class baseline)")
+    ax.set_xlabel("Architecture (hatched: baselines: majority class, hand-crafted features)")
     ax.set_title("Model comparison")
     handles = [Patch(facecolor=colour[k], edgecolor="black", label=f"{k}-level split")
                for k in kinds]
