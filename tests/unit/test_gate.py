@@ -122,3 +122,24 @@ def test_every_resample_keeps_the_class_mix() -> None:
     assert min(drawn_hem) == 20  # two donors of 10 cells drawn every time
     rows = list(_resample_weights(y, None, 200, seed=3))[0]
     assert np.allclose(rows[:, 100:].sum(axis=1), 20)  # row level: 20 hem rows every time
+
+
+def test_row_ids_make_the_intervals_independent_of_row_order() -> None:
+    """Training reads its test rows in manifest order, `leukoflow evaluate` in folder order:
+    with the images' ids the same images get the same intervals, whatever their order."""
+    from training.evaluation.metrics import classification_metrics
+
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 2, 200)
+    p1 = np.clip(0.5 + 0.3 * (y - 0.5) + rng.normal(0, 0.25, 200), 0.01, 0.99)
+    prob = np.stack([1 - p1, p1], axis=1)
+    ids = np.array([f"{i:064x}" for i in rng.permutation(10_000)[:200]])
+    order = rng.permutation(200)
+    kw = {"classes": ["all", "hem"], "n_bootstrap": 300}
+    a = classification_metrics(y, prob, row_ids=ids, **kw)
+    b = classification_metrics(y[order], prob[order], row_ids=ids[order], **kw)
+    assert a.keys() == b.keys()
+    assert all(a[k] == pytest.approx(b[k], rel=1e-12, abs=1e-12) for k in a)  # sums' order only
+    plain = classification_metrics(y[order], prob[order], **kw)  # without ids: order matters
+    assert plain["accuracy_ci_low"] != a["accuracy_ci_low"] or \
+        plain["roc_auc_ci_high"] != a["roc_auc_ci_high"]

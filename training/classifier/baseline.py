@@ -132,14 +132,15 @@ def baseline_metrics(
 ) -> dict[str, float]:
     """The baseline fitted on ``part["train"]`` and scored on ``part["test"]`` (and ``val``),
     as ``baseline/<metric>``: the very rows the candidate beside it is judged on."""
-    from training.evaluation.metrics import classification_metrics, subject_groups
+    from training.evaluation.metrics import classification_metrics, row_ids, subject_groups
 
     hp = baseline_hparams(cfg)
     model, params, fit_time = fit_handcrafted(hp, part["train"], y["train"], len(classes))
     out = {"fit_time_s": fit_time}
     prob = predict_paths(model, list(part["test"]["path"]), params)
     out.update(classification_metrics(y["test"], prob, classes, positive,
-                                      groups=subject_groups(part["test"])))
+                                      groups=subject_groups(part["test"]),
+                                      row_ids=row_ids(part["test"])))
     if len(part.get("val", ())):
         val = classification_metrics(y["val"], predict_paths(model, list(part["val"]["path"]),
                                                              params), classes, positive,

@@ -81,6 +81,7 @@ def score_folder(cfg: Config, model_dir: Path, meta: dict[str, Any], path: Path,
     confusion matrix / ROC / reliability figures and per-image probabilities."""
     from training.evaluation.metrics import (
         classification_metrics,
+        row_ids,
         save_classification_plots,
         subject_groups,
     )
@@ -91,7 +92,8 @@ def score_folder(cfg: Config, model_dir: Path, meta: dict[str, Any], path: Path,
     y_prob, meta = _probabilities(model_dir, list(rows["path"]))
     y_true = rows["label"].map({c: i for i, c in enumerate(classes)}).to_numpy(dtype=np.int64)
     metrics = classification_metrics(y_true, y_prob, classes, positive,
-                                     n_bootstrap=n_bootstrap, groups=subject_groups(rows))
+                                     n_bootstrap=n_bootstrap, groups=subject_groups(rows),
+                                     row_ids=row_ids(rows))
     table = rows[["file", "sha256", "label", "subject_id"]].copy()
     for j, cls in enumerate(classes):
         table[f"p_{cls}"] = y_prob[:, j]

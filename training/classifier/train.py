@@ -131,14 +131,16 @@ def _probabilities(model: Any, paths: list[str], params: PreprocessParams,
 
 def _metrics(y_true: np.ndarray, y_prob: np.ndarray, classes: list[str],
              positive: str | None, who: str, n_bootstrap: int = 1000,
-             groups: np.ndarray | None = None) -> dict[str, float]:
-    """Test metrics; ``groups`` (subjects) make the intervals resample patients, not cells."""
+             groups: np.ndarray | None = None,
+             row_ids: np.ndarray | None = None) -> dict[str, float]:
+    """Test metrics; ``groups`` (subjects) make the intervals resample patients, not cells;
+    ``row_ids`` (sha256) make them independent of the rows' order."""
     from training.evaluation.metrics import classification_metrics
 
     if not np.all(np.isfinite(y_prob)):
         raise TrainingError(f"{who} produced non-finite probabilities (did training diverge?)")
     return classification_metrics(y_true, y_prob, classes, positive, n_bootstrap=n_bootstrap,
-                                  groups=groups)
+                                  groups=groups, row_ids=row_ids)
 
 
 def _val_metrics(y_prob: np.ndarray, y: np.ndarray, classes: list[str],
@@ -235,7 +237,7 @@ def _evaluate_champion(
     positive: str | None, batch_size: int, work: Path,
 ) -> tuple[str | None, dict[str, float] | None, pd.DataFrame | None]:
     """The champion's metrics on OUR test rows, preprocessed with ITS OWN parameters."""
-    from training.evaluation.metrics import subject_groups
+    from training.evaluation.metrics import row_ids, subject_groups
 
     champ = _champion(cfg, work / "champion")
     if champ is None:
@@ -252,7 +254,7 @@ def _evaluate_champion(
                                model_temperature(meta))  # served as the champion serves it
     y_prob = y_prob[:, [champ_classes.index(c) for c in classes]]
     metrics = _metrics(y_true, y_prob, classes, positive, f"champion v{version}",
-                       groups=subject_groups(test))
+                       groups=subject_groups(test), row_ids=row_ids(test))
     return version, metrics, _predictions_table(test, y_prob, classes)
 
 
@@ -432,6 +434,7 @@ def train_and_evaluate(
     from training.classifier.architectures import get_spec, resolve_hparams
     from training.classifier.baseline import baseline_hparams, baseline_metrics
     from training.evaluation.metrics import (
+        row_ids,
         save_classification_plots,
         subject_groups,
         subjects_per_class,
@@ -468,7 +471,7 @@ def train_and_evaluate(
         raw_test = _probabilities(model, test_paths, params, batch_size)
         y_prob = apply_temperature(raw_test, temperature).astype(np.float64)
         metrics = _metrics(y["test"], y_prob, classes, positive, architecture,
-                           groups=subject_groups(part["test"]))
+                           groups=subject_groups(part["test"]), row_ids=row_ids(part["test"]))
         metrics.update(_calibration(y["test"], raw_test, raw_val, y["val"], temperature))
         metrics.update(subjects_per_class(cells, classes))  # what every figure rests on
         if raw_val is not None:

@@ -226,7 +226,7 @@ def split_units(groups: Sequence[str], twins: Iterable[tuple[int, int]] = ()) ->
 
 
 def assign_splits(df: pd.DataFrame, cfg: Config,
-                  twins: Iterable[tuple[int, int]] = ()) -> pd.DataFrame:
+                  twins: Iterable[tuple[int, int]] = (), *, quiet: bool = False) -> pd.DataFrame:
     """Deal ``train/val/test`` to rows whose ``split`` is empty; keep every existing assignment.
 
     Groups (subjects, or single images) are taken in the order of a salted hash of their id;
@@ -240,6 +240,7 @@ def assign_splits(df: pd.DataFrame, cfg: Config,
 
     A stratum of two or more units always has one in test, and of three or more one in val
     (:func:`_hold_out_each_stratum`), so no class is missing from the held-out splits.
+    ``quiet``: a trial assignment (the leakage check's comparison) logs no such move.
     """
     df = df.reset_index(drop=True)
     df["split_group"] = [g or split_group(r, cfg.split.level) for g, (_, r) in zip(
@@ -268,12 +269,13 @@ def assign_splits(df: pd.DataFrame, cfg: Config,
             df.loc[df["_unit"] == unit, "split"] = chosen
             counts[chosen] += int(size_of[unit])
             known[unit] = chosen
-        _hold_out_each_stratum(df, list(units.index), set(new), size_of, cfg.split.salt)
+        _hold_out_each_stratum(df, list(units.index), set(new), size_of, cfg.split.salt,
+                               quiet=quiet)
     return df.drop(columns=["_stratum", "_unit"])
 
 
 def _hold_out_each_stratum(df: pd.DataFrame, units: list[str], new: set[str],
-                           size_of: pd.Series, salt: str) -> None:
+                           size_of: pd.Series, salt: str, quiet: bool = False) -> None:
     """Give test (from 2 units) and val (from 3) at least one unit of a stratum, in place.
 
     The share rule alone can deal every unit of a small stratum to train: C-NMC fold 1 has three
@@ -293,8 +295,9 @@ def _hold_out_each_stratum(df: pd.DataFrame, units: list[str], new: set[str],
         unit = min(movable, key=lambda u: (int(size_of[u]), _hash01(u, salt)))
         df.loc[df["_unit"] == unit, "split"] = needed
         split_of[unit] = needed
-        log.info("split: stratum of %s had no %s unit; %s (%d rows) dealt to %s",
-                 unit, needed, unit, int(size_of[unit]), needed)
+        if not quiet:
+            log.info("split: the stratum of %s had no %s unit: %s (%d rows) dealt to %s",
+                     unit, needed, unit, int(size_of[unit]), needed)
 
 
 def measured_split_kind(rows: pd.DataFrame) -> str:

@@ -136,7 +136,7 @@ def check_and_assign(
                          new_rows=int(sum(new)), manifest_rows=int(len(new) - sum(new)))
     shas = list(combined["sha256"])
     pairs, check.candidates = find_twins(phashes, new, check.max_hamming, confirm, shas)
-    plain = assign_splits(combined, cfg)
+    plain = assign_splits(combined, cfg, quiet=True)  # what the split would be without twins
     check.straddling_before = _straddling(list(plain["split"]), pairs)
 
     # A new row whose twins hold two different frozen splits cannot follow both: left out.

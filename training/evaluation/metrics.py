@@ -50,6 +50,7 @@ __all__ = [
     "paired_bootstrap_delta",
     "save_classification_plots",
     "save_comparison",
+    "row_ids",
     "subject_groups",
     "subjects_per_class",
 ]
@@ -179,6 +180,13 @@ def subject_groups(rows: pd.DataFrame) -> np.ndarray | None:
         return None
     own = pd.Series([f"row:{i}" for i in range(len(rows))], index=rows.index)
     return np.where(subjects != "", "subject:" + subjects, own).astype(str)
+
+
+def row_ids(rows: pd.DataFrame) -> np.ndarray | None:
+    """The images' sha256, for ``row_ids=`` of :func:`classification_metrics` (None without)."""
+    if "sha256" not in rows or rows["sha256"].isna().any():
+        return None
+    return rows["sha256"].astype(str).to_numpy()
 
 
 def subjects_per_class(rows: pd.DataFrame, classes: Sequence[str]) -> dict[str, float]:
@@ -370,6 +378,7 @@ def classification_metrics(
     n_bootstrap: int = 1000,
     seed: int = 0,
     groups: np.ndarray | None = None,
+    row_ids: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Every classification metric the reports and the gate use, as a flat dict of floats.
 
@@ -381,6 +390,10 @@ def classification_metrics(
     then resample subjects, the cell-level intervals stay beside them as
     ``<metric>_cell_ci_low/high``, and ``n_subjects`` / ``n_subjects__<class>`` say how many
     subjects of each class the figures rest on; ``ci_units``: how many units were resampled.
+
+    ``row_ids`` (one unique id per row, e.g. the image's sha256): the row-level resamples are
+    drawn in the order of the ids, not of the rows, so the same images listed in another order
+    (``leukoflow evaluate`` reads a folder; training reads its manifest) get the same intervals.
     """
     y_true, y_prob = _check(y_true, y_prob, classes)
     pos = _positive_index(classes, positive_class) if len(classes) == 2 else None
@@ -394,7 +407,7 @@ def classification_metrics(
         for j, cls in enumerate(classes):
             m[f"n_subjects__{_key(cls)}"] = float(len(np.unique(codes[y_true == j])))
     if n_bootstrap > 0:
-        levels = [("", groups)] if groups is None else [("", groups), ("_cell", None)]
+        levels = [("", row_ids)] if groups is None else [("", groups), ("_cell", row_ids)]
         for label, g in levels:
             boot = _bootstrap_metrics(y_true, y_prob, pos, n_bootstrap, seed, "roc_auc" in m, g)
             for name, values in boot.items():
