@@ -75,8 +75,16 @@ class ValidationConfig(_Section):
     # by pixels): the test-leak check and the split's twin check (training.data.leakage)
     near_duplicate_hamming: int = Field(4, ge=0, le=64)
     # drift of a batch against the champion's training rows (training.data.drift): MMD² of image
-    # statistics above this is a batch-level GX warning (never a quarantine or rejection)
+    # statistics above the batch's threshold is a batch-level GX warning (never a quarantine).
+    # calibrated: the threshold comes from the reference's own subjects (the quantile of MMD²
+    # between subject-disjoint halves times the margin), never below drift_threshold; fixed:
+    # drift_threshold itself, also the fallback below drift_calibration_min_subjects subjects
+    drift_threshold_mode: Literal["calibrated", "fixed"] = "calibrated"
     drift_threshold: float = Field(0.1, ge=0)
+    drift_calibration_splits: int = Field(200, ge=1)  # seeded subject splits of the null
+    drift_calibration_quantile: float = Field(0.95, gt=0, le=1)
+    drift_calibration_margin: float = Field(1.5, gt=0)
+    drift_calibration_min_subjects: int = Field(4, ge=2)
     drift_reference_images: int = Field(200, ge=2)  # seeded sample of the champion's train rows
     drift_permutations: int = Field(200, ge=1)  # for the permutation p-value
     drift_embedding: bool = False  # also the champion's embedding (a TF child process a batch)

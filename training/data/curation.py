@@ -170,7 +170,8 @@ def _inspect(cfg: Config, root: Path, batch_id: str, cache: Path,
                             max_pixels=cfg.validation.max_pixels)
     ctx = _curated_context(cfg, own_batch, cache)
     drift = batch_drift(cfg, root, meta)
-    meta = meta.assign(drift_score=drift.score if drift.score is not None else np.nan)
+    meta = meta.assign(drift_score=drift.score if drift.score is not None else np.nan,
+                       drift_threshold=drift.threshold)
     frame = prepare_frame(
         meta, cfg, curated_sha256=ctx.shas, test_phashes=ctx.test_phashes,
         confirm_leak=_leak_confirmer(cfg, ctx, root, cache),

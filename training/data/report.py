@@ -126,6 +126,17 @@ def _files_html(summary: dict[str, Any]) -> str:
             f"<table><tr><th>path</th><th>why</th></tr>{rows}</table>")
 
 
+def _threshold_how(drift: dict[str, Any]) -> str:
+    """Where the batch's drift threshold came from (training.data.drift.threshold_for)."""
+    mode, cal = drift.get("threshold_mode", "fixed"), drift.get("calibration") or {}
+    if mode == "calibrated":
+        return _cell(f"calibrated: {cal.get('note', '')}, floor {cal.get('floor', 0):.4f} "
+                     f"(null median {cal.get('null_median', 0):.4f})")
+    if mode == "fixed_fallback":
+        return _cell(f"fixed validation.drift_threshold, not calibrated: {cal.get('note', '')}")
+    return "fixed validation.drift_threshold (validation.drift_threshold_mode: fixed)"
+
+
 def _drift_html(drift: dict[str, Any] | None) -> str:
     """The batch against the champion's training rows (training.data.drift)."""
     if not drift:
@@ -139,6 +150,7 @@ def _drift_html(drift: dict[str, Any] | None) -> str:
     return (f"<h2>Drift</h2><p>MMD² of image statistics {drift['score']:.4f} (threshold "
             f"{drift['threshold']:.4f}, permutation p = {drift['p_value']:.3f}): {verdict}. "
             f"Reference: {_cell(drift['reference'])}; {drift['n_batch']} batch images.</p>"
+            f"<p>Threshold: {_threshold_how(drift)}</p>"
             f"<p>Largest mean shifts (in reference SDs):</p><ul>{shifts}</ul>"
             + (f"<p>Champion's embedding: MMD² {drift['embedding_score']:.4f} (permutation p = "
                f"{drift['embedding_p_value']:.3f}; {_cell(drift['embedding_note'])}).</p>"

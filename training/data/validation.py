@@ -25,7 +25,8 @@ to an earlier file of the batch, by path order), ``already_curated``, ``test_lea
 hash within ``LEAK_HAMMING`` bits of an image in the current frozen test split, confirmed by
 pixels where they are at hand, see :func:`same_picture`), ``no_subject``.
 Warnings: ``blurry``, ``bad_exposure``; on the batch (``level="batch"``): ``drift`` (the batch's
-image statistics are far from the champion's training rows, :mod:`training.data.drift`).
+image statistics are farther from the champion's training rows than the batch's
+``drift_threshold``, :mod:`training.data.drift`).
 Table-level: ``batch_too_small``, ``class_imbalance``.
 """
 
@@ -214,6 +215,10 @@ def prepare_frame(
         frame["drift_score"] = np.nan
     frame["drift_score"] = pd.to_numeric(frame["drift_score"], errors="coerce").astype(float)
     frame["drift_measured"] = frame["drift_score"].notna()
+    if "drift_threshold" not in frame.columns:  # the batch's own (calibrated) threshold
+        frame["drift_threshold"] = cfg.validation.drift_threshold
+    frame["drift_threshold"] = pd.to_numeric(frame["drift_threshold"], errors="coerce").fillna(
+        cfg.validation.drift_threshold).astype(float)
     cells = frame["kind"] == "cell"
     shares = frame.loc[cells, "label"].value_counts(normalize=True)
     frame["class_share"] = np.where(cells, frame["label"].map(shares), np.nan).astype(float)
@@ -269,13 +274,13 @@ def build_suite(cfg: Config) -> Any:
         gxe.ExpectColumnValuesToBeBetween(column="exposure", min_value=v.exposure_range[0],
                                           max_value=v.exposure_range[1], mostly=v.mostly,
                                           row_condition=decodable, meta=warn("bad_exposure")),
-        # drift against the champion's training rows (training.data.drift): one score per
-        # batch, on every decodable row (NaN = not measured, then no row is checked)
-        gxe.ExpectColumnValuesToBeBetween(column="drift_score", max_value=v.drift_threshold,
-                                          mostly=v.mostly,
-                                          row_condition=Column("drift_measured") == True,  # noqa: E712
-                                          meta={"reason": "drift", "severity": "warning",
-                                                "level": "batch"}),
+        # drift against the champion's training rows (training.data.drift): one score and
+        # one threshold per batch (calibrated on the champion's own subjects, so a column, not
+        # a constant of the suite), on every row (NaN = not measured, then no row is checked)
+        gxe.ExpectColumnPairValuesAToBeGreaterThanB(
+            column_A="drift_threshold", column_B="drift_score", or_equal=True, mostly=v.mostly,
+            row_condition=Column("drift_measured") == True,  # noqa: E712
+            meta={"reason": "drift", "severity": "warning", "level": "batch"}),
         gxe.ExpectTableRowCountToBeBetween(min_value=v.min_batch_size,
                                            meta=table("batch_too_small")),
         gxe.ExpectColumnValuesToBeBetween(column="class_share", min_value=lo, max_value=hi,
@@ -388,7 +393,7 @@ def run_suite(cfg: Config, frame: pd.DataFrame, run_name: str) -> SuiteOutcome:
             conf = res.expectation_config
             meta = dict(conf.meta or {})
             reason, severity = meta.get("reason", conf.type), meta.get("severity", "error")
-            column = conf.kwargs.get("column")
+            column = conf.kwargs.get("column") or conf.kwargs.get("column_B")
             if res.exception_info and res.exception_info.get("raised_exception"):
                 raise DataValidationError(
                     f"expectation {conf.type} on {column} raised: "
