@@ -105,8 +105,14 @@ def test_sweep_used_the_trained_backbone(experiment: dict) -> None:
     assert feats["feature_dim"] == 512  # VGG16's last block has 512 channels
     assert cnn["model_uri"] in feats["feature_source"] and feats["backbone_saw_train"]
     assert [r["classifier"] for r in feats["sweep"]] == SWEEP
-    # too few unseen subjects for a grouped CV: skipped and said so, not faked
-    assert feats["grouped_cv"] is None and "single class" in feats["cv_note"]
+    # the unseen rows (val + test) hold one subject of each class in val and one in test (the
+    # split gives every class a unit in both from 3 units on): a 4-fold grouped CV over them,
+    # each fold training on 3 subjects of both classes
+    cells = _cells(experiment["home"])
+    unseen = cells[cells["split"] != "train"]
+    assert unseen.groupby("label")["subject_id"].nunique().to_dict() == {"all": 2, "hem": 2}
+    assert feats["grouped_cv"] and not feats.get("cv_note")
+    assert {r["n_folds"] for r in feats["grouped_cv"]} == {4.0}
 
 
 def test_runs_and_artifacts_are_in_mlflow(experiment: dict) -> None:
@@ -127,7 +133,9 @@ def test_runs_and_artifacts_are_in_mlflow(experiment: dict) -> None:
     sweep = client.get_run(res["features"]["run_id"])
     assert sweep.data.tags["mlflow.parentRunId"] == parent
     assert sweep.data.params["classifiers"] == ",".join(SWEEP)
-    assert sweep.data.tags["cv_note"] == res["features"]["cv_note"]
+    assert sweep.data.params["cv_k"] == "4"  # the grouped CV ran (see the sweep test)
+    assert sweep.data.params["cv_kind"] == "subject"
+    assert "cv_note" not in sweep.data.tags
     names = {a.path for a in client.list_artifacts(parent, "comparison")}
     assert {"comparison/comparison.csv", "comparison/comparison.png",
             "comparison/experiment.md", "comparison/experiment.json"} <= names
