@@ -212,10 +212,10 @@ def _load_note(uptime: str) -> str:
         one_minute = float(uptime.split("load average:")[1].split(",")[0])
     except (IndexError, ValueError):
         return "- load before the run unknown"
-    if one_minute > 0.5 * (os.cpu_count() or 1):
-        return ("- the machine was busy with other jobs (1-minute load "
-                f"{one_minute:.2f} on {os.cpu_count()} cores): figures are lower and noisier "
-                "than on an idle machine")
+    if one_minute > 0.5 * (os.cpu_count() or 1):  # an average: it may be a job just ended
+        return (f"- 1-minute load {one_minute:.2f} on {os.cpu_count()} cores before the run: "
+                "other work may have been running, and figures may be lower and noisier than "
+                "on an idle machine")
     return (f"- nothing else ran on the machine (1-minute load {one_minute:.2f} on "
             f"{os.cpu_count()} cores before the run)")
 
