@@ -14,8 +14,8 @@ models: the BentoML models copied from ``--models-from``, ``<name>:latest``), th
 2. SIGKILL of the classifier's worker while 8 clients send /classify: time until /readyz says
    so, time until /classify answers 200 again, and what the clients received meanwhile.
 
-``python bench/serving_load.py render docs/serving-benchmark.md "LABEL=run.json" ...`` writes
-the tables of one or more runs between the load markers of the doc.
+``python bench/serving_load.py render docs/serving-benchmark.md [--marker NAME] "LABEL=run.json"
+...`` writes the tables of one or more runs between the doc's load markers (or NAME's).
 """
 
 from __future__ import annotations
@@ -229,21 +229,27 @@ def render(runs: list[tuple[str, dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_doc(doc: Path, text: str) -> None:
-    """Replace the part between the load markers of ``doc`` (append it when absent)."""
+def write_doc(doc: Path, text: str, marker: str = "load") -> None:
+    """Replace the part between the ``marker`` markers of ``doc`` (append it when absent)."""
     old = doc.read_text() if doc.exists() else "# Serving benchmark\n"
-    block = f"{BEGIN}\n{text}{END}"
-    if BEGIN in old and END in old:
-        new = old[:old.index(BEGIN)] + block + old[old.index(END) + len(END):]
+    begin, end = (BEGIN, END) if marker == "load" else (
+        f"<!-- BENCH:{marker}:begin -->", f"<!-- BENCH:{marker}:end -->")
+    block = f"{begin}\n{text}{end}"
+    if begin in old and end in old:
+        new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
     else:
         new = old.rstrip("\n") + "\n\n" + block + "\n"
     doc.write_text(new)
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["render"]:  # render DOC LABEL=JSON ...
-        doc, pairs = Path(sys.argv[2]), [a.split("=", 1) for a in sys.argv[3:]]
-        write_doc(doc, render([(label, json.loads(Path(p).read_text())) for label, p in pairs]))
+    if sys.argv[1:2] == ["render"]:  # render DOC [--marker NAME] LABEL=JSON ...
+        args, marker = sys.argv[3:], "load"
+        if args[:1] == ["--marker"]:
+            marker, args = args[1], args[2:]
+        doc, pairs = Path(sys.argv[2]), [a.split("=", 1) for a in args]
+        write_doc(doc, render([(label, json.loads(Path(p).read_text())) for label, p in pairs]),
+                  marker)
         return
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
