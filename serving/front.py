@@ -123,10 +123,7 @@ class ServingFront:
             return False
         self.inflight += 1
         try:
-            abandoned = await cancel_on_disconnect(self.app, scope, receive, send)
-            if abandoned:
-                metrics().abandoned.labels(route=route).inc()
-            return abandoned
+            return await cancel_on_disconnect(self.app, scope, receive, send)
         finally:
             self.inflight -= 1
 
@@ -186,7 +183,8 @@ async def cancel_on_disconnect(app: ASGIApp, scope: Scope, receive: Receive,
 
     Once the request body is read the server's ``receive`` has nothing left to give but the
     disconnect, so a watcher waits on it; the app, should it ask again, gets the disconnect the
-    watcher saw. Returns whether the request was abandoned (the app was cancelled).
+    watcher saw. Returns whether the request was abandoned (the app was cancelled), which is
+    counted in ``leukoflow_abandoned_requests_total``.
     """
     body_read, gone = asyncio.Event(), asyncio.Event()
     answered = False  # the last byte of the answer went out: a disconnect now is the normal end
@@ -224,6 +222,7 @@ async def cancel_on_disconnect(app: ASGIApp, scope: Scope, receive: Receive,
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        metrics().abandoned.labels(route=route_label(scope.get("path", "/"))).inc()
         return True
     finally:
         watcher.cancel()
@@ -242,8 +241,7 @@ class CancelOnDisconnect:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if await cancel_on_disconnect(self.app, scope, receive, send):
-            metrics().abandoned.labels(route=route_label(scope.get("path", "/"))).inc()
+        await cancel_on_disconnect(self.app, scope, receive, send)
 
 
 def with_bearer_scheme(spec: dict[str, Any],

@@ -42,7 +42,11 @@ from serving.auth import ApiKeyMiddleware
 from serving.decode import BadImage, NotExplainable, UploadGuard, decode_upload, read_upload
 from serving.front import CancelOnDisconnect, ServingFront
 from serving.health import ReadinessCheck, is_transient, probes_for
-from serving.observability import bound_bentoml_labels, skip_abandoned_batch_jobs
+from serving.observability import (
+    bound_bentoml_labels,
+    observe_batch,
+    skip_abandoned_batch_jobs,
+)
 from serving.webapp import WEBAPP_PATH, create_app
 from training.config import Config, load_config
 from training.contract import InputContract
@@ -180,8 +184,6 @@ class ClassifierService:
                  max_latency_ms=_SERVING.batch_max_latency_ms)
     def classify_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """Probabilities ``(n, k)`` of preprocessed uint8 pixels ``(n, size, size, 3)``."""
-        from serving.observability import observe_batch
-
         observe_batch("classifier", int(len(pixels)))  # what adaptive batching really formed
         return self._apply_temperature(
             self._predict_array(self.model, pixels.astype(np.float32),

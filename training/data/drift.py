@@ -83,13 +83,8 @@ def image_features(path: str | Path) -> np.ndarray:
 
 
 def _features(paths: list[str]) -> np.ndarray:
-    rows = []
-    for p in paths:
-        try:
-            rows.append(image_features(p))
-        except (OSError, ValueError) as exc:  # the suite reports unreadable files itself
-            log.debug("drift: skipping %s: %s", p, exc)
-    return np.array(rows, dtype=np.float64).reshape(-1, len(FEATURES))
+    """The :data:`FEATURES` of the readable files among ``paths``."""
+    return _features_of(pd.DataFrame({"path": list(paths)}))[0]
 
 
 def _mmd2(k: np.ndarray, n_ref: int) -> float:
